@@ -1,0 +1,1 @@
+"""Data loaders of itop_dist (torchvision, scikit-learn digits, DALI, synthetic)."""

@@ -1,0 +1,94 @@
+"""Settings of the sparse core: one dataclass, validated on construction.
+
+Field names follow the papers' flags (``--density``, ``--sparse_init``, ``--death``,
+``--death-rate``, ``--growth``, ``--redistribution``, ``--update_frequency``); errors name the
+flag so that the command-line user knows what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from itop_dist.topology import DENSITY_RULES, GROW_FNS, PRUNE_FNS
+
+REDISTRIBUTIONS = ("none", "magnitude", "nonzeros")
+DECAY_SCHEDULES = ("cosine", "constant", "linear")
+APPLY_MODES = ("auto", "float", "bool")
+
+
+@dataclass
+class SparseConfig:
+    """How the sparse network is initialised and evolved.
+
+    density: fraction of masked weights that are non-zero, in (0, 1].
+    sparse_init: layer-density rule, ``ERK`` (default), ``ER``, ``uniform`` or ``er_itop``.
+    exact_init: exactly round(d_l N_l) weights per layer (True) or a Bernoulli draw (parity).
+    death / growth / redistribution: prune, regrow and budget rules (spec 3, 4, 5).
+    death_rate: initial prune fraction r0; decayed to ``death_rate_min`` by ``decay_schedule``.
+    update_frequency: optimizer steps between mask updates; None = static (``--fix``).
+    update_stop: fraction of training after which masks stop changing (1.0 = never stop).
+    regrow_reinit_zero: set value and momentum of every regrown weight to 0 (RigL), instead of
+        the reference's "a weight pruned and regrown in one update keeps its value".
+    mask_momentum: zero the SGD momentum of inactive weights after every step (the CIFAR
+        cores); None = True except for momentum growth, which needs the momentum of inactive
+        weights (sparse momentum, spec 4.3).
+    apply_mode: how masks are multiplied in: ``float`` keeps a float copy of each mask
+        (fastest on CPU, measured in benchmarks/), ``bool`` multiplies by the bool mask,
+        ``auto`` picks the measured fastest for the device.
+    exclude: substrings of parameter names that stay dense and unmasked (e.g. the first conv).
+    seed: seed of the mask generator; kept apart from the data and augmentation RNGs.
+    """
+
+    density: float = 0.05
+    sparse_init: str = "ERK"
+    erk_power_scale: float = 1.0
+    exact_init: bool = True
+    death: str = "magnitude"
+    death_rate: float = 0.5
+    death_rate_min: float = 0.005
+    decay_schedule: str = "cosine"
+    growth: str = "random"
+    redistribution: str = "none"
+    update_frequency: int | None = 100
+    update_stop: float = 1.0
+    threshold: float = 1e-3
+    regrow_reinit_zero: bool = False
+    mask_momentum: bool | None = None
+    apply_mode: str = "auto"
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.redistribution == "nonzero":  # the reference's registry key (spec P8)
+            self.redistribution = "nonzeros"
+        if self.mask_momentum is None:
+            self.mask_momentum = self.growth != "momentum"
+        self.exclude = tuple(self.exclude)
+        checks = [
+            (0.0 < self.density <= 1.0, "--density", f"{self.density} must be in (0, 1]"),
+            (self.sparse_init in DENSITY_RULES, "--sparse_init",
+             f"{self.sparse_init!r} is unknown; choose one of {sorted(DENSITY_RULES)}"),
+            (self.erk_power_scale > 0, "--erk-power-scale", "must be > 0"),
+            (self.death in PRUNE_FNS, "--death",
+             f"{self.death!r} is unknown; choose one of {sorted(PRUNE_FNS)}"),
+            (0.0 <= self.death_rate <= 1.0, "--death-rate", f"{self.death_rate} must be in [0, 1]"),
+            (0.0 <= self.death_rate_min <= self.death_rate or self.death_rate == 0,
+             "--death-rate-min", f"{self.death_rate_min} must be in [0, --death-rate]"),
+            (self.decay_schedule in DECAY_SCHEDULES, "--decay-schedule",
+             f"{self.decay_schedule!r} is unknown; choose one of {list(DECAY_SCHEDULES)}"),
+            (self.growth in GROW_FNS, "--growth",
+             f"{self.growth!r} is unknown; choose one of {sorted(GROW_FNS)}"),
+            (self.redistribution in REDISTRIBUTIONS, "--redistribution",
+             f"{self.redistribution!r} is unknown; choose one of {list(REDISTRIBUTIONS)}"),
+            (self.update_frequency is None or self.update_frequency >= 1, "--update_frequency",
+             f"{self.update_frequency} must be >= 1 (use --fix for static sparse training)"),
+            (0.0 < self.update_stop <= 1.0, "--update-stop", f"{self.update_stop} must be in (0, 1]"),
+            (self.apply_mode in APPLY_MODES, "--mask-apply",
+             f"{self.apply_mode!r} is unknown; choose one of {list(APPLY_MODES)}"),
+        ]
+        for ok, flag, why in checks:
+            if not ok:
+                raise ValueError(f"{flag}: {why}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,244 @@
+"""Binds the sparse state to a model and its optimizer: the object a training loop calls.
+
+Usage in any loop (no launcher needed)::
+
+    sparsifier = Sparsifier(model, optimizer, SparseConfig(density=0.05, growth="gradient"),
+                            total_steps=epochs * len(loader))
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()          # re-mask; prune and regrow on update steps
+    print(sparsifier.itop_rate)
+
+Rank 0 takes every mask decision; the masks are broadcast and checked on every rank
+(:mod:`itop_dist.collectives`), so all ranks train the same sparse network.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from itop_dist import collectives
+from itop_dist.config import SparseConfig
+from itop_dist.methods import METHODS, Method, UpdateInputs
+from itop_dist.state import SparseState
+
+log = logging.getLogger("itop_dist")
+
+MASKED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """Parameter name without DDP / torch.compile / FSDP wrapper prefixes, so masks saved
+    from a wrapped model load into an unwrapped one and back."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def maskable_parameters(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
+    """Conv and linear weights (spec 1.1), first and last layer included, by canonical name.
+
+    Biases, normalisation and embedding parameters stay dense. Names containing any of
+    ``exclude`` stay dense too (e.g. ``("conv1.weight",)`` for ``--rm-first``).
+    """
+    found = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, MASKED_MODULES):
+            name = canonical_name(f"{mod_name}.weight" if mod_name else "weight")
+            if not any(pattern in name for pattern in exclude):
+                found[name] = module.weight
+    if not found:
+        raise ValueError("the model has no conv or linear weights to sparsify")
+    return found
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The full tensor of a (possibly sharded DTensor) parameter, gradient or buffer."""
+    if t is None:
+        return None
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@dataclass
+class UpdateReport:
+    """What one mask update did, for logs. Counts are summed over layers."""
+
+    step: int
+    rate: float
+    pruned: int
+    regrown: int
+    density: float
+    itop_rate: float
+    layer_densities: dict[str, float]
+
+    def __str__(self) -> str:
+        return (
+            f"step {self.step}: pruned {self.pruned}, regrew {self.regrown} (rate {self.rate:.4f}), "
+            f"density {self.density:.4f}. The percentage of the total fired weights is {self.itop_rate}"
+        )
+
+
+class Sparsifier:
+    """Masks, their updates and the ITOP rate for one model and optimizer.
+
+    model: the module being trained (possibly wrapped by DDP/compile); its conv/linear
+        weights are masked. optimizer: its SGD momentum buffers are masked too.
+    total_steps: the run's length in optimizer steps (schedules.total_steps), which the
+        prune-rate cosine and the update stop are relative to.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: SparseConfig,
+        total_steps: int,
+        method: str = "DST",
+        group=None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"--method {method!r} is unknown; choose one of {sorted(METHODS)}")
+        self.config = config
+        self.optimizer = optimizer
+        self.group = group
+        self.params = maskable_parameters(model, config.exclude)
+        self.method: Method = METHODS[method](config, total_steps)
+        self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        masks = self.method.initial_masks(self.shapes) if collectives.is_rank0(group) else None
+        masks = collectives.broadcast_masks(masks, self.shapes, group)
+        self.state = SparseState({n: m.to(self.params[n].device) for n, m in masks.items()})
+        self._refresh_multipliers()
+        self.apply_masks()
+
+    # --- hooks the training loop calls ---------------------------------------------------
+    def step(self) -> UpdateReport | None:
+        """Call after every ``optimizer.step()``, before ``zero_grad()``: masks the weights
+        (and momentum), counts the step and, on update steps, prunes and regrows.
+        Returns what the update did, or None when this was not an update step."""
+        self.apply_masks()
+        self.state.step += 1
+        if self.method.is_update_step(self.state.step):
+            return self.update()
+        return None
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """W <- W * M for every masked weight, and the same for SGD momentum when configured."""
+        for name, p in self.params.items():
+            mult = self._mult[name]
+            p.mul_(mult)
+            if self.config.mask_momentum:
+                buf = self._momentum(p)
+                if buf is not None:
+                    buf.mul_(mult)
+
+    @torch.no_grad()
+    def update(self) -> UpdateReport:
+        """One mask update: gather, decide on rank 0, broadcast, apply, check."""
+        on_rank0 = collectives.is_rank0(self.group)
+        weights = {n: _full(p) for n, p in self.params.items()}
+        grads = {n: _full(p.grad) if self.method.needs_grads else None for n, p in self.params.items()}
+        momenta = {n: _full(self._momentum_score(p)) if self.method.needs_momenta else None
+                   for n, p in self.params.items()}
+        if self.method.needs_grads and any(g is None for g in grads.values()):
+            raise RuntimeError(
+                "gradient growth needs the gradients at the update: call sparsifier.step() after "
+                "optimizer.step() and before optimizer.zero_grad()"
+            )
+        result = None
+        if on_rank0:
+            inputs = UpdateInputs(weights, dict(self.state.masks), grads, momenta,
+                                  self.state.step, self.state.updates + 1)
+            result = self.method.update(inputs)
+        new = collectives.broadcast_masks(result.masks if result else None, self.shapes, self.group)
+        new = {n: m.to(self.state.masks[n].device) for n, m in new.items()}
+        if self.config.regrow_reinit_zero:
+            grown = collectives.broadcast_masks(result.grown if result else None, self.shapes, self.group)
+            self._zero(grown)
+        self.state.set_masks(new)
+        self._refresh_multipliers()
+        self.apply_masks()
+        collectives.check_masks(self.state.masks, self.group)
+        pruned = sum(result.pruned.values()) if result else 0
+        regrown = sum(result.regrown.values()) if result else 0
+        report = UpdateReport(self.state.step, result.rate if result else float("nan"), pruned,
+                              regrown, self.density, self.itop_rate, self.state.layer_densities())
+        log.info("%s", report)
+        return report
+
+    # --- numbers -------------------------------------------------------------------------
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return self.state.masks
+
+    @property
+    def density(self) -> float:
+        return self.state.density
+
+    @property
+    def itop_rate(self) -> float:
+        """Explored fraction of the masked weights since the start (R_s, spec section 7)."""
+        return self.state.itop_rate
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"state": self.state.state_dict(), "config": self.config.to_dict(),
+                "method": self.method.name}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore masks, explored union and counters; refuse a different sparse set-up."""
+        ours = {"method": self.method.name, **self.config.to_dict()}
+        theirs = {"method": sd.get("method"), **sd.get("config", {})}
+        for key in ("method", "density", "sparse_init", "growth", "death", "exclude"):
+            a, b = theirs.get(key), ours.get(key)
+            if key == "exclude":
+                a, b = tuple(a or ()), tuple(b or ())
+            if a != b:
+                raise ValueError(
+                    f"checkpoint was trained with {key}={a!r} but this run has {key}={b!r}; "
+                    f"resume with the same settings or start a new run folder"
+                )
+        self.state.load_state_dict(sd["state"])
+        self._refresh_multipliers()
+        self.apply_masks()
+
+    # --- internals -----------------------------------------------------------------------
+    def _momentum(self, p: torch.Tensor) -> torch.Tensor | None:
+        if self.optimizer is None:
+            return None
+        return self.optimizer.state.get(p, {}).get("momentum_buffer")
+
+    def _momentum_score(self, p: torch.Tensor) -> torch.Tensor | None:
+        """SGD's momentum buffer, or Adam's exp_avg / (sqrt(exp_avg_sq) + 1e-8) (spec 4.3)."""
+        state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+        if "momentum_buffer" in state:
+            return state["momentum_buffer"]
+        if "exp_avg" in state:
+            return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
+        raise RuntimeError("momentum growth needs an optimizer with momentum (SGD momentum > 0 or Adam)")
+
+    def _refresh_multipliers(self) -> None:
+        mode = self.config.apply_mode
+        if mode == "auto":  # a float copy multiplies 2-3x faster than bool on CPU (benchmarks/)
+            mode = "float"
+        self._mult = {
+            n: (m.to(self.params[n].dtype) if mode == "float" else m)
+            for n, m in self.state.masks.items()
+        }
+
+    def _zero(self, positions: dict[str, torch.Tensor]) -> None:
+        """RigL's choice for regrown weights: value 0 and zero momentum."""
+        for name, p in self.params.items():
+            where = positions[name].to(p.device)
+            p.masked_fill_(where, 0)
+            buf = self._momentum(p)
+            if buf is not None:
+                buf.masked_fill_(where, 0)

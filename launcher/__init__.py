@@ -1,0 +1,1 @@
+"""Entry points of itop_dist: command-line tools, configuration and launch helpers."""
