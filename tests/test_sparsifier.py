@@ -1,0 +1,245 @@
+"""The sparsifier bound to a real model and optimizer: invariants a user relies on."""
+
+import ast
+import itertools
+import math
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+
+from itop_dist import (PruneRateSchedule, SparseConfig, Sparsifier, UpdateSchedule, list_methods,
+                       total_steps)
+from itop_dist.topology import GROW_FNS, PRUNE_FNS
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class TinyConvNet(nn.Module):
+    """Conv + linear with biases and BN: what the masks must handle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc1 = nn.Linear(16 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 4)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def make(config: SparseConfig, steps: int = 40, method: str = "DST", opt: str = "sgd"):
+    torch.manual_seed(0)
+    model = TinyConvNet()
+    if opt == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                                    weight_decay=5e-4)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
+    return model, optimizer, Sparsifier(model, optimizer, config, total_steps=steps, method=method)
+
+
+def train_step(model, optimizer, gen):
+    x = torch.randn(8, 3, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+COMBOS = list(itertools.product(sorted(PRUNE_FNS), sorted(GROW_FNS), ["none", "magnitude", "nonzeros"]))
+
+
+@pytest.mark.parametrize("death,growth,redistribution", COMBOS)
+def test_invariants_after_every_step(death, growth, redistribution):
+    cfg = SparseConfig(density=0.2, death=death, growth=growth, redistribution=redistribution,
+                       update_frequency=3, death_rate=0.3)
+    model, opt, sp = make(cfg, steps=24)
+    gen = torch.Generator().manual_seed(1)
+    start = sp.state.nonzeros()
+    fired_before = {n: f.clone() for n, f in sp.state.fired.items()}
+    updates = 0
+    for _ in range(24):
+        train_step(model, opt, gen)
+        report = sp.step()
+        updates += report is not None
+        counts = sp.state.nonzeros()
+        if redistribution == "none":
+            assert counts == start  # each layer's count is unchanged
+        else:
+            assert sum(counts.values()) == sum(start.values())  # the total is unchanged
+        for name, p in sp.params.items():
+            assert not p[~sp.masks[name]].any(), f"masked weight of {name} not zero"
+            buf = opt.state[p]["momentum_buffer"]
+            if cfg.mask_momentum:
+                assert not buf[~sp.masks[name]].any(), f"momentum of pruned {name} not zero"
+        for n, f in sp.state.fired.items():  # the explored union only grows and covers masks
+            assert not (fired_before[n] & ~f).any() and not (sp.masks[n] & ~f).any()
+            fired_before[n] = f.clone()
+    assert updates == 8
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_keeps_density_and_zeros(method):
+    model, opt, sp = make(SparseConfig(density=0.1, update_frequency=3), method=method)
+    gen = torch.Generator().manual_seed(2)
+    d0 = sp.density
+    for _ in range(12):
+        train_step(model, opt, gen)
+        sp.step()
+        assert sp.density == d0
+        assert all(not p[~sp.masks[n]].any() for n, p in sp.params.items())
+
+
+def test_static_method_never_changes_masks():
+    model, opt, sp = make(SparseConfig(density=0.1, update_frequency=2), method="static")
+    before = {n: m.clone() for n, m in sp.masks.items()}
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        train_step(model, opt, gen)
+        assert sp.step() is None
+    assert all(torch.equal(before[n], m) for n, m in sp.masks.items())
+    assert sp.itop_rate == pytest.approx(sp.density)
+
+
+def test_only_conv_and_linear_weights_are_masked():
+    _, _, sp = make(SparseConfig(density=0.1))
+    assert set(sp.masks) == {"conv.weight", "fc1.weight", "fc2.weight"}
+    assert all(m.dtype == torch.bool for m in sp.masks.values())
+    _, _, sp = make(SparseConfig(density=0.1, exclude=("conv.",)))
+    assert set(sp.masks) == {"fc1.weight", "fc2.weight"}
+
+
+@pytest.mark.parametrize("reinit", [False, True])
+def test_values_and_momentum_of_regrown_weights(reinit):
+    cfg = SparseConfig(density=0.3, growth="gradient", update_frequency=5, death_rate=0.5,
+                       regrow_reinit_zero=reinit)
+    model, opt, sp = make(cfg)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        train_step(model, opt, gen)
+        sp.step()
+    train_step(model, opt, gen)
+    old_masks = {n: m.clone() for n, m in sp.masks.items()}
+    sp.apply_masks()  # what step() does before the update; snapshot masked values
+    before = {n: p.detach().clone() for n, p in sp.params.items()}
+    mom_before = {n: opt.state[p]["momentum_buffer"].clone() for n, p in sp.params.items()}
+    assert sp.step() is not None
+    kept_regrown = 0
+    for name, p in sp.params.items():
+        new, old = sp.masks[name], old_masks[name]
+        fresh = new & ~old  # grown from inactive positions: value 0, momentum 0 either way
+        assert not p[fresh].any() and not opt.state[p]["momentum_buffer"][fresh].any()
+        stayed = new & old
+        if reinit:
+            # RigL: every regrown weight is 0, including ones pruned and regrown at once.
+            changed = stayed & (p.detach() != before[name])
+            assert not p[changed].any()
+        else:
+            # Reference: a weight that stays active keeps its value and momentum.
+            assert torch.equal(p.detach()[stayed], before[name][stayed])
+            assert torch.equal(opt.state[p]["momentum_buffer"][stayed], mom_before[name][stayed])
+            kept_regrown += int(stayed.sum())
+    if reinit:
+        zeroed = sum(int(((sp.masks[n] & old_masks[n]) & (p.detach() == 0)).sum())
+                     for n, p in sp.params.items())
+        assert zeroed > 0  # the dense layer pruned and regrew its own weights as zeros
+
+
+def test_gradient_growth_needs_gradients():
+    model, opt, sp = make(SparseConfig(density=0.2, growth="gradient", update_frequency=1))
+    train_step(model, opt, torch.Generator().manual_seed(0))
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
+        sp.step()
+
+
+def test_momentum_growth_with_adam_and_unmasked_momentum():
+    model, opt, sp = make(SparseConfig(density=0.2, growth="momentum", update_frequency=2), opt="adam")
+    assert sp.config.mask_momentum is False  # momentum growth needs inactive momentum (spec 4.3)
+    gen = torch.Generator().manual_seed(0)
+    start = sp.state.nonzeros()
+    for _ in range(6):
+        train_step(model, opt, gen)
+        sp.step()
+    assert sp.state.nonzeros() == start and sp.itop_rate > sp.density
+
+
+def test_itop_rate_is_union_over_time_and_reported():
+    cfg = SparseConfig(density=0.1, growth="random", update_frequency=2, death_rate=0.5)
+    model, opt, sp = make(cfg, steps=20)
+    gen = torch.Generator().manual_seed(4)
+    union = {n: m.clone() for n, m in sp.masks.items()}
+    rates = [sp.itop_rate]
+    assert rates[0] == pytest.approx(sp.density)
+    for _ in range(20):
+        train_step(model, opt, gen)
+        report = sp.step()
+        if report is not None:
+            for n, m in sp.masks.items():
+                union[n] |= m
+            assert f"The percentage of the total fired weights is {report.itop_rate}" in str(report)
+            rates.append(report.itop_rate)
+    total = sum(m.numel() for m in union.values())
+    assert sp.itop_rate == sum(int(u.sum()) for u in union.values()) / total
+    assert rates == sorted(rates) and rates[-1] > 2 * rates[0]
+
+
+def test_state_dict_round_trip_is_bit_packed_and_refuses_other_runs():
+    cfg = SparseConfig(density=0.1, update_frequency=2)
+    model, opt, sp = make(cfg)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        train_step(model, opt, gen)
+        sp.step()
+    sd = sp.state_dict()
+    bits = sd["state"]["masks"]["fc1.weight"]["bits"]
+    assert bits.dtype == torch.uint8 and bits.numel() == math.ceil(sp.masks["fc1.weight"].numel() / 8)
+    _, _, fresh = make(cfg)
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(fresh.masks[n], m) for n, m in sp.masks.items())
+    assert fresh.itop_rate == sp.itop_rate and fresh.state.step == 6
+    _, _, other = make(SparseConfig(density=0.2, update_frequency=2))
+    with pytest.raises(ValueError, match="density=0.1"):
+        other.load_state_dict(sd)
+
+
+def test_schedules_follow_the_spec():
+    r = PruneRateSchedule(0.5, 0.005, 1000, "cosine")
+    assert r(0) == 0.5 and r(1000) == pytest.approx(0.005)
+    assert r(500) == pytest.approx(0.005 + 0.495 / 2)
+    assert r(250) == pytest.approx(0.005 + 0.495 * (1 + math.cos(math.pi / 4)) / 2)
+    assert PruneRateSchedule(0.5, 0.005, 1000, "constant")(700) == 0.5
+    assert PruneRateSchedule(0.5, 0.005, 1000, "linear")(250) == pytest.approx(0.375)
+    assert UpdateSchedule(100, 1000).update_steps() == list(range(100, 1001, 100))
+    assert UpdateSchedule(100, 1000, stop_fraction=0.75).update_steps()[-1] == 700
+    assert UpdateSchedule(None, 1000).update_steps() == []
+    assert total_steps(391, 250, 5) == 488750 and total_steps(352, 160, 2.5) == 140800
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("density", 0.0, "--density"), ("density", 1.5, "--density"),
+    ("update_frequency", 0, "--update_frequency"), ("growth", "magic", "--growth"),
+    ("death", "x", "--death"), ("sparse_init", "ERKK", "--sparse_init"),
+    ("redistribution", "momentumz", "--redistribution"), ("death_rate", 2.0, "--death-rate"),
+])
+def test_bad_settings_name_the_flag(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        SparseConfig(**{field: value})
+
+
+def test_unknown_method_lists_known():
+    with pytest.raises(ValueError, match="--method 'nope'.*DST"):
+        make(SparseConfig(), method="nope")
+
+
+def test_sparse_core_never_imports_the_rest():
+    for path in (REPO / "itop_dist").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in {"models", "data_pipelines", "launcher"}, path
