@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from itop_dist.methods import METHODS
 from itop_dist.topology import DENSITY_RULES, GROW_FNS, PRUNE_FNS
 
 REDISTRIBUTIONS = ("none", "magnitude", "nonzeros")
@@ -20,6 +21,8 @@ APPLY_MODES = ("auto", "float", "bool")
 class SparseConfig:
     """How the sparse network is initialised and evolved.
 
+    method: registered method name (``DST`` = SET/RigL/sparse momentum by ``growth``;
+        ``static`` = fixed masks, the papers' ``--fix``).
     density: fraction of masked weights that are non-zero, in (0, 1].
     sparse_init: layer-density rule, ``ERK`` (default), ``ER``, ``uniform`` or ``er_itop``.
     exact_init: exactly round(d_l N_l) weights per layer (True) or a Bernoulli draw (parity).
@@ -39,6 +42,7 @@ class SparseConfig:
     seed: seed of the mask generator; kept apart from the data and augmentation RNGs.
     """
 
+    method: str = "DST"
     density: float = 0.05
     sparse_init: str = "ERK"
     erk_power_scale: float = 1.0
@@ -65,6 +69,8 @@ class SparseConfig:
             self.mask_momentum = self.growth != "momentum"
         self.exclude = tuple(self.exclude)
         checks = [
+            (self.method in METHODS, "--method",
+             f"{self.method!r} is unknown; choose one of {sorted(METHODS)}"),
             (0.0 < self.density <= 1.0, "--density", f"{self.density} must be in (0, 1]"),
             (self.sparse_init in DENSITY_RULES, "--sparse_init",
              f"{self.sparse_init!r} is unknown; choose one of {sorted(DENSITY_RULES)}"),

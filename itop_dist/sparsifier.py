@@ -101,16 +101,13 @@ class Sparsifier:
         optimizer: torch.optim.Optimizer | None,
         config: SparseConfig,
         total_steps: int,
-        method: str = "DST",
         group=None,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"--method {method!r} is unknown; choose one of {sorted(METHODS)}")
         self.config = config
         self.optimizer = optimizer
         self.group = group
         self.params = maskable_parameters(model, config.exclude)
-        self.method: Method = METHODS[method](config, total_steps)
+        self.method: Method = METHODS[config.method](config, total_steps)
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         masks = self.method.initial_masks(self.shapes) if collectives.is_rank0(group) else None
         masks = collectives.broadcast_masks(masks, self.shapes, group)
@@ -190,13 +187,11 @@ class Sparsifier:
 
     # --- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"state": self.state.state_dict(), "config": self.config.to_dict(),
-                "method": self.method.name}
+        return {"state": self.state.state_dict(), "config": self.config.to_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore masks, explored union and counters; refuse a different sparse set-up."""
-        ours = {"method": self.method.name, **self.config.to_dict()}
-        theirs = {"method": sd.get("method"), **sd.get("config", {})}
+        ours, theirs = self.config.to_dict(), sd.get("config", {})
         for key in ("method", "density", "sparse_init", "growth", "death", "exclude"):
             a, b = theirs.get(key), ours.get(key)
             if key == "exclude":

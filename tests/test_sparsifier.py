@@ -31,7 +31,7 @@ class TinyConvNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-def make(config: SparseConfig, steps: int = 40, method: str = "DST", opt: str = "sgd"):
+def make(config: SparseConfig, steps: int = 40, opt: str = "sgd"):
     torch.manual_seed(0)
     model = TinyConvNet()
     if opt == "sgd":
@@ -39,7 +39,7 @@ def make(config: SparseConfig, steps: int = 40, method: str = "DST", opt: str = 
                                     weight_decay=5e-4)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
-    return model, optimizer, Sparsifier(model, optimizer, config, total_steps=steps, method=method)
+    return model, optimizer, Sparsifier(model, optimizer, config, total_steps=steps)
 
 
 def train_step(model, optimizer, gen):
@@ -84,7 +84,7 @@ def test_invariants_after_every_step(death, growth, redistribution):
 
 @pytest.mark.parametrize("method", list_methods())
 def test_every_method_keeps_density_and_zeros(method):
-    model, opt, sp = make(SparseConfig(density=0.1, update_frequency=3), method=method)
+    model, opt, sp = make(SparseConfig(method=method, density=0.1, update_frequency=3))
     gen = torch.Generator().manual_seed(2)
     d0 = sp.density
     for _ in range(12):
@@ -95,7 +95,7 @@ def test_every_method_keeps_density_and_zeros(method):
 
 
 def test_static_method_never_changes_masks():
-    model, opt, sp = make(SparseConfig(density=0.1, update_frequency=2), method="static")
+    model, opt, sp = make(SparseConfig(method="static", density=0.1, update_frequency=2))
     before = {n: m.clone() for n, m in sp.masks.items()}
     gen = torch.Generator().manual_seed(2)
     for _ in range(10):
@@ -232,8 +232,8 @@ def test_bad_settings_name_the_flag(field, value, flag):
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(ValueError, match="--method 'nope'.*DST"):
-        make(SparseConfig(), method="nope")
+    with pytest.raises(ValueError, match="--method: 'nope' is unknown.*DST"):
+        SparseConfig(method="nope")
 
 
 def test_sparse_core_never_imports_the_rest():

@@ -1,0 +1,99 @@
+"""Dataset registry: ``@register_dataset(name)`` functions load a dataset into memory by name.
+
+A registered function takes the ``DataConfig`` and returns a ``DatasetSpec``: the raw train and
+test tensors plus how to normalise and augment them. The loaders (``build_loaders``) do the rest,
+so a new in-memory dataset is one function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+import torch
+
+from models.registry import DatasetInfo
+
+from .transforms import CropFlip
+
+if TYPE_CHECKING:  # only for annotations: config imports this module
+    from .config import DataConfig
+
+__all__ = ["DatasetFn", "DatasetSpec", "get_dataset_fn", "list_datasets", "register_dataset"]
+
+
+@dataclass
+class DatasetSpec:
+    """A dataset held in memory, as a registered function returns it.
+
+    train_x / test_x: (N, *info.input_shape) images, uint8 in 0..255 (scaled by 1/255 like
+        torchvision's ``ToTensor`` before normalising) or float32 (normalised as they are).
+    train_y / test_y: (N,) int64 labels in [0, info.num_classes).
+    info: class count and per-sample input shape (``models.DATASETS`` for the named datasets).
+    mean / std: per-channel normalisation, in the units after the 1/255 scaling of uint8 data.
+    augment: training augmentation, or None.
+    valid_split: the reference default of ``--valid-split`` for this dataset.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    info: DatasetInfo
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: CropFlip | None = None
+    valid_split: float = 0.0
+
+    def check(self, name: str) -> None:
+        """Raise ``ValueError`` naming the dataset if tensors disagree with ``info``.
+
+        Catches files that torchvision reads without complaint but that hold the wrong thing
+        (another dataset's files, labels out of range), before a training run trips on them.
+        """
+        channels = self.info.input_shape[0]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"--data {name}: mean/std need {channels} channel values")
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            where = f"--data {name}: {split} split"
+            if x.dtype not in (torch.uint8, torch.float32) or tuple(x.shape[1:]) != self.info.input_shape:
+                raise ValueError(f"{where} has {x.dtype} images of shape {tuple(x.shape[1:])}, "
+                                 f"expected uint8/float32 of shape {self.info.input_shape}")
+            if y.dtype != torch.int64 or y.shape != (x.shape[0],):
+                raise ValueError(f"{where} has {y.dtype} labels of shape {tuple(y.shape)} "
+                                 f"for {x.shape[0]} images, expected int64 ({x.shape[0]},)")
+            if len(y) and not (0 <= int(y.min()) and int(y.max()) < self.info.num_classes):
+                raise ValueError(f"{where} has labels outside [0, {self.info.num_classes})")
+
+
+DatasetFn = Callable[["DataConfig"], DatasetSpec]
+F = TypeVar("F", bound=DatasetFn)
+
+_REGISTRY: dict[str, DatasetFn] = {}
+
+
+def register_dataset(name: str) -> Callable[[F], F]:
+    """Decorator: register ``fn(cfg: DataConfig) -> DatasetSpec`` as ``--data name``.
+
+    Raises ``ValueError`` if the name is taken.
+    """
+
+    def decorator(fn: F) -> F:
+        if name in _REGISTRY:
+            raise ValueError(f"Dataset {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    """Sorted names of every registered dataset (the choices of ``--data``)."""
+    return sorted(_REGISTRY)
+
+
+def get_dataset_fn(name: str) -> DatasetFn:
+    """The function registered as ``name``; ``ValueError`` naming ``--data`` if none is."""
+    if name not in _REGISTRY:
+        raise ValueError(f"--data: unknown dataset {name!r}; known: {', '.join(list_datasets())}")
+    return _REGISTRY[name]

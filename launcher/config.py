@@ -1,0 +1,339 @@
+"""One typed configuration tree for a training run, from a YAML/TOML file plus CLI flags.
+
+Precedence: dataclass defaults < ``--config FILE`` < flags given on the command line. The
+papers' ``main.py`` flags keep their names and meanings; every flag is accepted with
+underscores and with dashes (``--update_frequency`` = ``--update-frequency``). The resolved
+tree is written to the run folder as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+import models
+from data_pipelines import DataConfig
+from itop_dist import SparseConfig
+
+
+@dataclass
+class ModelConfig:
+    """name: registry name (``--model``); init: ``fanin``/``classic`` for ImageNet ResNet-50
+    (``-c``); channels_last: None = on for conv models on CUDA."""
+
+    name: str = "digits-mlp"
+    init: str | None = None
+    channels_last: bool | None = None
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum (ITOP CIFAR recipe: Nesterov, L2 5e-4) or Adam."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("sgd", "adam"), "--optimizer", f"{self.name!r}: choose sgd or adam")
+        _check(self.lr > 0, "--lr", f"{self.lr} must be > 0")
+        _check(0 <= self.label_smoothing < 1, "--label-smoothing", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "--l2", "must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Length of training and the LR schedule.
+
+    epochs x multiplier epochs are trained (ITOP's extended training; fractional allowed).
+    lr_schedule ``multistep``: x gamma at each milestone (fractions of the epochs; the papers'
+    1/2 and 3/4), applied at epoch boundaries; ``cosine``: per step to 0; ``constant``.
+    warmup_epochs: lr (e + 1) / (W + 1) in epoch e < W (ImageNet recipe).
+    max_steps: stop after this many optimizer steps (smoke tests, benchmarks).
+    eval_every: evaluate every N steps as well as at each epoch end (None: epoch ends only).
+    decay_frequency: accepted for the papers' commands; unused there and here (spec 6.5).
+    """
+
+    epochs: float = 250
+    multiplier: float = 1.0
+    lr_schedule: str = "multistep"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    max_steps: int | None = None
+    eval_every: int | None = None
+    decay_frequency: int | None = None
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(self.milestones)
+        _check(self.epochs > 0, "--epochs", f"{self.epochs} must be > 0")
+        _check(self.multiplier > 0, "--multiplier", f"{self.multiplier} must be > 0")
+        _check(self.lr_schedule in ("multistep", "cosine", "constant"), "--lr-schedule",
+               f"{self.lr_schedule!r}: choose multistep, cosine or constant")
+        _check(all(0 < m < 1 for m in self.milestones), "--milestones", "fractions in (0, 1)")
+        _check(self.max_steps is None or self.max_steps >= 1, "--max-steps", "must be >= 1")
+        _check(self.eval_every is None or self.eval_every >= 1, "--eval-every", "must be >= 1")
+        _check(self.warmup_epochs >= 0, "--warmup", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """every_steps: also save every N steps (always at each epoch end and at the end).
+    keep_last: how many recent checkpoints to keep (the best one is kept besides).
+    resume: ``auto`` (latest in the run folder, if any) or a checkpoint folder."""
+
+    every_steps: int | None = None
+    keep_last: int = 2
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.keep_last >= 1, "--keep-last", "must be >= 1")
+        _check(self.every_steps is None or self.every_steps >= 1, "--save-every", "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    """output_dir: the run folder (default runs/<model>-<data>-<method>-d<density>-s<seed>)."""
+
+    output_dir: str | None = None
+    log_every: int = 50
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.log_every >= 1, "--log-interval", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. ``sparse`` False trains the dense model (the papers' default)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparse: bool = False
+    sparsity: SparseConfig = field(default_factory=SparseConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 17
+    mixed_precision: str = "no"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.sparsity.seed = self.seed  # masks are drawn from --seed, identically on every rank
+        _check(self.mixed_precision in ("no", "bf16", "fp16"), "--mixed-precision",
+               f"{self.mixed_precision!r}: choose no, bf16 or fp16")
+        _check(self.device in ("auto", "cpu", "cuda"), "--device", "choose auto, cpu or cuda")
+        if self.data.name != "synthetic":
+            fits = models.model_datasets(self.model.name)  # raises for an unknown --model
+            _check(self.data.name in fits, "--data",
+                   f"model {self.model.name} does not fit {self.data.name}; it fits {', '.join(fits)}")
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        if self.log.output_dir:
+            return pathlib.Path(self.log.output_dir)
+        method = self.sparsity.method if self.sparse else "dense"
+        density = f"-d{self.sparsity.density:g}" if self.sparse else ""
+        return pathlib.Path("runs") / f"{self.model.name}-{self.data.name}-{method}{density}-s{self.seed}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, flag: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{flag}: {why}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the tree from nested dicts
+
+
+def from_dict(cls: type, values: dict, where: str = "") -> typing.Any:
+    """Instantiate dataclass ``cls`` from a nested dict; unknown keys raise ValueError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"config: unknown key {where}{unknown[0]!r}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{where}{key}.")
+        elif value is not None:
+            value = _coerce(hint, value, f"{where}{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    """Lists to tuples, ints to floats where the field is a float; a clear error otherwise."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if (typing.get_origin(hint) in (typing.Union, types.UnionType) and args) else hint
+    if typing.get_origin(base) is tuple:
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base in (int, float, str, bool) and not isinstance(value, base):
+        raise ValueError(f"config: {key} must be {base.__name__}, got {value!r}")
+    return value
+
+
+def load_file(path: str) -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a nested dict."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: {path} does not exist; pass a YAML or TOML file")
+    try:
+        if p.suffix == ".toml":
+            return tomllib.loads(p.read_text())
+        return yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"--config: {path} is not valid {p.suffix[1:].upper()}: "
+                         f"{str(err).splitlines()[0]}") from None
+
+
+def set_path(tree: dict, dotted: str, value) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: the papers' flags, both spellings
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _tuple_of(kind):
+    return lambda text: tuple(kind(t) for t in text.replace(",", " ").split())
+
+
+# (flags, config path, type or a constant for store_const flags, help)
+FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
+    (("--model",), "model.name", str, "model name (itop-inspect --help lists datasets)"),
+    (("-c", "--init"), "model.init", str, "ImageNet ResNet-50 init: fanin or classic"),
+    (("--channels-last",), "model.channels_last", _bool, "true/false (default: on CUDA conv nets)"),
+    (("--data",), "data.name", str, "digits, mnist, cifar10, cifar100, synthetic"),
+    (("--data-dir", "--datadir"), "data.data_dir", str, "dataset root (torchvision format)"),
+    (("--download",), "data.download", True, "let torchvision download the dataset"),
+    (("--batch-size", "-b"), "data.batch_size", int, "batch size PER PROCESS"),
+    (("--test-batch-size",), "data.test_batch_size", int, "evaluation batch size per process"),
+    (("--num-workers", "-j", "--workers"), "data.num_workers", int, "loader worker processes"),
+    (("--valid-split",), "data.valid_split", float, "fraction of the training set for validation"),
+    (("--no-augment",), "data.augment", False, "no training augmentation"),
+    (("--sparse",), "sparse", True, "train a sparse network (dense without it)"),
+    (("--method",), "sparsity.method", str, "DST (SET/RigL by --growth) or static"),
+    (("--fix",), "sparsity.method", "static", "static sparse training: never update masks"),
+    (("--density",), "sparsity.density", float, "fraction of non-zero weights"),
+    (("--sparse-init",), "sparsity.sparse_init", str, "ERK, ER, uniform, er_itop"),
+    (("--erk-power-scale",), "sparsity.erk_power_scale", float, "ERK exponent"),
+    (("--death", "--prune"), "sparsity.death", str, "magnitude, SET, threshold, magnitude_threshold"),
+    (("--death-rate", "--prune-rate"), "sparsity.death_rate", float, "initial prune fraction"),
+    (("--decay-schedule",), "sparsity.decay_schedule", str, "cosine, constant, linear"),
+    (("--growth",), "sparsity.growth", str, "random (SET), gradient (RigL), momentum"),
+    (("--redistribution",), "sparsity.redistribution", str, "none, magnitude, nonzeros"),
+    (("--update-frequency",), "sparsity.update_frequency", int, "steps between mask updates"),
+    (("--update-stop",), "sparsity.update_stop", float, "fraction of training after which masks freeze"),
+    (("--regrow-reinit-zero",), "sparsity.regrow_reinit_zero", True, "regrown weights start at 0"),
+    (("--lr",), "optim.lr", float, "learning rate"),
+    (("--momentum",), "optim.momentum", float, "SGD momentum"),
+    (("--nesterov",), "optim.nesterov", _bool, "true/false"),
+    (("--l2", "--weight-decay", "--wd"), "optim.weight_decay", float, "weight decay"),
+    (("--optimizer",), "optim.name", str, "sgd or adam"),
+    (("--label-smoothing",), "optim.label_smoothing", float, "label smoothing epsilon"),
+    (("--epochs",), "schedule.epochs", float, "epochs (before --multiplier)"),
+    (("--multiplier",), "schedule.multiplier", float, "extended training: epochs x multiplier"),
+    (("--lr-schedule",), "schedule.lr_schedule", str, "multistep, cosine, constant"),
+    (("--milestones",), "schedule.milestones", _tuple_of(float), "multistep milestones as fractions"),
+    (("--warmup",), "schedule.warmup_epochs", int, "warm-up epochs"),
+    (("--max-steps",), "schedule.max_steps", int, "stop after N optimizer steps"),
+    (("--eval-every",), "schedule.eval_every", int, "also evaluate every N steps"),
+    (("--decay-frequency",), "schedule.decay_frequency", int, "accepted; unused (as in the papers)"),
+    (("--save-every",), "checkpoint.every_steps", int, "also checkpoint every N steps"),
+    (("--keep-last",), "checkpoint.keep_last", int, "checkpoints kept (plus the best)"),
+    (("--resume",), "checkpoint.resume", str, "auto, or a checkpoint folder"),
+    (("--output-dir", "--save-dir"), "log.output_dir", str, "the run folder"),
+    (("--log-interval", "--log-every"), "log.log_every", int, "steps between train logs"),
+    (("--no-progress",), "log.progress", False, "no progress bar"),
+    (("--seed",), "seed", int, "random seed (the same on every rank)"),
+    (("--mixed-precision",), "mixed_precision", str, "no, bf16, fp16"),
+    (("--fp16",), "mixed_precision", "fp16", "same as --mixed-precision fp16"),
+    (("--device",), "device", str, "auto, cpu or cuda"),
+]
+
+
+def _spellings(flag: str) -> list[str]:
+    """``--a-b`` and ``--a_b`` for every long flag."""
+    if not flag.startswith("--"):
+        return [flag]
+    body = flag[2:]
+    return sorted({f"--{body}", f"--{body.replace('-', '_')}", f"--{body.replace('_', '-')}"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="itop-train", argument_default=argparse.SUPPRESS,
+        description="Train a sparse (or dense) network: itop_dist's one training path.")
+    parser.add_argument("--config", help="YAML or TOML file with the config tree")
+    for flags, path, kind, help_text in FLAGS:
+        names = [s for f in flags for s in _spellings(f)]
+        if callable(kind) and not isinstance(kind, bool):
+            parser.add_argument(*names, dest=path, type=kind, help=help_text)
+        else:
+            parser.add_argument(*names, dest=path, action="store_const", const=kind, help=help_text)
+    return parser
+
+
+class ConfigError(ValueError):
+    """A bad flag, file or combination: one line naming what is wrong and how to fix it."""
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """defaults < --config file < command-line flags; raises ConfigError on bad input."""
+    parser = build_parser()
+    parser.error = lambda message: (_ for _ in ()).throw(ConfigError(message))  # no SystemExit
+    given = vars(parser.parse_args(argv))
+    tree = load_file(given.pop("config")) if "config" in given else {}
+    for path, value in given.items():
+        set_path(tree, path, value)
+    try:
+        return from_dict(TrainConfig, tree)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+
+
+def save_config(cfg: TrainConfig, folder: pathlib.Path) -> pathlib.Path:
+    """Write the resolved tree as ``config.yaml`` in the run folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    return path
+
+
+def _plain(value):
+    """Tuples to lists, so the YAML reads like the files users write."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

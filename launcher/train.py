@@ -1,0 +1,37 @@
+"""Entry point: ``itop-train``, ``python -m launcher.train`` or ``accelerate launch -m launcher.train``.
+
+    itop-train --sparse --data digits --model digits-mlp --density 0.05 --epochs 30
+    accelerate launch -m launcher.train --config configs/cifar10_vgg-c_rigl_itop.yaml
+
+Parses the configuration, builds the trainer, trains, and always closes it. Bad input
+(flags, files, data folders, checkpoints of another run) ends with one line on stderr and
+exit status 2, before any training.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from launcher.config import parse_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        from launcher.trainer import Trainer  # after parsing: --help stays fast
+
+        trainer = Trainer(cfg)
+    except ValueError as err:
+        print(f"itop-train: error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The training loop: one path from a CPU quick start to many GPUs.
+
+Build order (fixed): Accelerator -> seed -> data -> model -> optimizer and LR schedule ->
+``accelerator.prepare`` -> sparsifier (masks built on the wrapped parameters) -> checkpointer
+-> resume. The loop reads top to bottom: forward, backward, optimizer step, the sparse hook,
+LR step, log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+import models
+from data_pipelines import BatchLoader, build_loaders
+from itop_dist import Sparsifier, total_steps
+from launcher.checkpoint import Checkpointer
+from launcher.config import ScheduleConfig, TrainConfig, save_config
+
+log = logging.getLogger("itop_dist.train")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: registered with Accelerate so it lands in every checkpoint."""
+
+    step: int = 0            # optimizer steps taken (batches consumed)
+    epoch: int = 0           # current epoch
+    batch_in_epoch: int = 0  # data position inside the epoch
+    best_acc: float = -1.0
+    best_step: int = -1
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, sd: dict) -> None:
+        vars(self).update(sd)
+
+
+def lr_factor(step: int, s: ScheduleConfig, steps_per_epoch: int, total: int) -> float:
+    """LR multiplier at optimizer step ``step`` (spec 6.6): warm-up, then the schedule.
+
+    Multistep decays at epochs int(m * epochs) * multiplier for each milestone fraction m
+    (ITOP: 125 and 187 of 250), applied at epoch boundaries as the papers' MultiStepLR.
+    """
+    epoch = step // steps_per_epoch
+    if epoch < s.warmup_epochs:
+        return (epoch + 1) / (s.warmup_epochs + 1)
+    if s.lr_schedule == "multistep":
+        bounds = [int(m * s.epochs) * s.multiplier for m in s.milestones]
+        return s.gamma ** sum(epoch >= b for b in bounds)
+    if s.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    return 1.0
+
+
+class MetricsFile:
+    """``metrics.jsonl`` in the run folder: one JSON object per log step and evaluation."""
+
+    def __init__(self, path: pathlib.Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.accelerator = acc = Accelerator(
+            cpu=cfg.device == "cpu",
+            mixed_precision=cfg.mixed_precision,
+            step_scheduler_with_optimizer=False,  # the schedule is defined per optimizer step
+        )
+        set_seed(cfg.seed)  # the same on every rank: identical initial weights and masks
+        self.loaders = build_loaders(cfg.data, seed=cfg.seed, rank=acc.process_index,
+                                     world_size=acc.num_processes)
+        kwargs = {"init": cfg.model.init} if cfg.model.init else {}
+        if cfg.data.name == "synthetic":
+            model = models.create_model(cfg.model.name, _closest_dataset(cfg.model.name),
+                                        num_classes=self.loaders.num_classes, **kwargs)
+        else:
+            model = models.create_model(cfg.model.name, cfg.data.name, **kwargs)
+        self.channels_last = cfg.model.channels_last
+        if self.channels_last is None:
+            self.channels_last = acc.device.type == "cuda" and len(self.loaders.input_shape) == 3
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = _build_optimizer(model, cfg)
+        self.steps_per_epoch = len(self.loaders.train)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {cfg.data.batch_size} x {acc.num_processes} processes "
+                             f"is larger than the training set ({self.loaders.train.num_samples})")
+        self.total_steps = total_steps(self.steps_per_epoch, cfg.schedule.epochs, cfg.schedule.multiplier)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, cfg.schedule, self.steps_per_epoch, self.total_steps))
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.sparsifier = (
+            Sparsifier(self.model, self.optimizer.optimizer, cfg.sparsity, self.total_steps)
+            if cfg.sparse else None
+        )
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.state)
+        if self.sparsifier is not None:
+            acc.register_for_checkpointing(self.sparsifier)
+        self.checkpointer = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last)
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", acc.is_main_process)
+        if acc.is_main_process:
+            save_config(cfg, self.run_dir)
+        self._resume()
+
+    # ------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = self.checkpointer.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            return
+        meta = Checkpointer.read_meta(path)
+        Checkpointer.check_compatible(meta, self.cfg.to_dict(), path)
+        self.accelerator.load_state(str(path))
+        self._print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
+
+    def _print(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(text)
+
+    def fit(self) -> dict:
+        """Train to the end (or ``--max-steps``); returns the summary also written last."""
+        cfg, acc, st = self.cfg, self.accelerator, self.state
+        last_step = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
+        bar = tqdm(total=last_step, initial=st.step, disable=not (acc.is_main_process and cfg.log.progress),
+                   dynamic_ncols=True, desc=self.run_dir.name)
+        loss_sum = torch.zeros((), device=acc.device)
+        correct_sum = torch.zeros((), device=acc.device)
+        seen, window, tick = 0, 0, time.perf_counter()
+        self.model.train()
+        while st.step < last_step:
+            self.loaders.train.set_epoch(st.epoch, start_batch=st.batch_in_epoch)
+            for x, y in self.loaders.train:
+                x, y = self._to_device(x, y)
+                logits = self.model(x)
+                loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+                self.optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                self.optimizer.step()
+                st.step += 1
+                st.batch_in_epoch += 1
+                # A step skipped for inf/NaN gradients (fp16) changed no weight: no mask hook.
+                if self.sparsifier is not None and not acc.optimizer_step_was_skipped:
+                    report = self.sparsifier.step()  # re-mask; prune and regrow on update steps
+                    if report is not None:
+                        self._on_mask_update(report)
+                self.scheduler.step()
+                loss_sum += loss.detach()
+                correct_sum += (logits.argmax(1) == y).sum()
+                seen, window = seen + y.numel(), window + 1
+                bar.update(1)
+                if st.step % cfg.log.log_every == 0 or st.step == last_step:
+                    record = self._train_record(loss_sum / window, correct_sum, seen,
+                                                time.perf_counter() - tick)
+                    bar.set_postfix({k.split("/")[1]: round(v, 4) for k, v in record.items()
+                                     if k in ("train/loss", "train/acc", "sparsity/density", "itop/rate")})
+                    loss_sum.zero_(), correct_sum.zero_()
+                    seen, window, tick = 0, 0, time.perf_counter()
+                epoch_done = st.batch_in_epoch == self.steps_per_epoch
+                if epoch_done:
+                    st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+                stop = st.step >= last_step
+                if epoch_done or stop or (cfg.schedule.eval_every and st.step % cfg.schedule.eval_every == 0):
+                    is_best = self._evaluate()
+                    if epoch_done or stop or self._save_due():
+                        self._save(is_best)
+                elif self._save_due():
+                    self._save(False)
+                if stop or epoch_done:
+                    break
+        bar.close()
+        return self._summary()
+
+    # ------------------------------------------------------------------------------------
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
+        x = x.to(self.accelerator.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.accelerator.device, non_blocking=True)
+
+    def _save_due(self) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return bool(every) and self.state.step % every == 0
+
+    def _sparse_numbers(self) -> dict:
+        if self.sparsifier is None:
+            return {"sparsity/density": 1.0}
+        return {"sparsity/density": self.sparsifier.density, "itop/rate": self.sparsifier.itop_rate}
+
+    def _train_record(self, mean_loss, correct_sum, seen: int, seconds: float) -> dict:
+        """Mean loss of the window (averaged over ranks), accuracy, LR, sparsity, speed."""
+        totals = self.accelerator.reduce(torch.stack([mean_loss, correct_sum.float(),
+                                                      torch.tensor(float(seen), device=mean_loss.device)]),
+                                         reduction="sum")
+        loss, correct, count = totals.tolist()  # one host sync per log step
+        record = {
+            "train/loss": loss / self.accelerator.num_processes,
+            "train/acc": correct / max(count, 1),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            **self._sparse_numbers(),
+            "perf/images_per_s": count / max(seconds, 1e-9),
+        }
+        self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, **record})
+        return record
+
+    def _on_mask_update(self, report) -> None:
+        self.metrics.write({"step": self.state.step, "epoch": self.state.epoch,
+                            "mask/pruned": report.pruned, "mask/regrown": report.regrown,
+                            "mask/rate": report.rate, "sparsity/density": report.density,
+                            "itop/rate": report.itop_rate})
+        log.info("%s", report)
+
+    @torch.no_grad()
+    def _eval_split(self, loader: BatchLoader) -> tuple[float, float]:
+        """(loss, accuracy) over the whole split, summed across ranks (no sample twice)."""
+        self.model.eval()
+        totals = torch.zeros(3, device=self.accelerator.device)
+        loader.set_epoch(0)
+        for x, y in loader:
+            x, y = self._to_device(x, y)
+            logits = self.model(x)
+            totals[0] += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += y.numel()
+        self.model.train()
+        loss, correct, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+        return loss / count, correct / count
+
+    def _evaluate(self) -> bool:
+        """Evaluate val (or test when there is no validation split) and test; True if best."""
+        test_loss, test_acc = self._eval_split(self.loaders.test)
+        if self.loaders.val is not None:
+            val_loss, val_acc = self._eval_split(self.loaders.val)
+        else:
+            val_loss, val_acc = test_loss, test_acc
+        record = {"val/loss": val_loss, "val/acc": val_acc, "test/loss": test_loss,
+                  "test/acc": test_acc, **self._sparse_numbers()}
+        self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, **record})
+        self._print(f"step {self.state.step} epoch {self.state.epoch}: val acc {val_acc:.4f} "
+                    f"test acc {test_acc:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in self._sparse_numbers().items()))
+        self.last_eval = record
+        if val_acc > self.state.best_acc:
+            self.state.best_acc, self.state.best_step = val_acc, self.state.step
+            return True
+        return False
+
+    def _save(self, is_best: bool) -> None:
+        meta = {"step": self.state.step, "epoch": self.state.epoch,
+                "val_acc": getattr(self, "last_eval", {}).get("val/acc"),
+                "config": self.cfg.to_dict()}
+        self.checkpointer.save(self.state.step, meta, is_best)
+
+    def _summary(self) -> dict:
+        last = getattr(self, "last_eval", None) or {}
+        summary = {
+            "summary": True, "step": self.state.step, "epoch": self.state.epoch,
+            "final_val_acc": last.get("val/acc"), "final_test_acc": last.get("test/acc"),
+            "best_val_acc": self.state.best_acc, "best_step": self.state.best_step,
+            "selected_on": "val" if self.loaders.val is not None else "test (no validation split)",
+            **{f"final_{k.split('/')[-1]}": v for k, v in self._sparse_numbers().items()},
+        }
+        self.metrics.write(summary)
+        self._print("summary: " + json.dumps(summary))
+        return summary
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                           nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+
+
+def _closest_dataset(model_name: str) -> str:
+    """For synthetic data: build the model's variant for the first data set it fits."""
+    return models.model_datasets(model_name)[0]
