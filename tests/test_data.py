@@ -9,17 +9,12 @@ carry no md5 check. Nothing is downloaded.
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 import re
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision import datasets as tvd
 
 from data_pipelines import (
     BatchLoader,
@@ -32,91 +27,12 @@ from data_pipelines import (
     list_datasets,
     register_dataset,
 )
+from conftest import FakeSet, random_set
 from models import DatasetInfo
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.50708, 0.48655, 0.44092), (0.26733, 0.25644, 0.27615)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-
-
-@dataclass
-class FakeSet:
-    """A fake dataset on disk and the raw tensors written: x uint8 (N, C, H, W), y int64 (N,)."""
-
-    root: Path
-    folder: Path
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _random_set(
-    gen: torch.Generator, n: int, shape: tuple[int, ...], classes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random uint8 images (n, *shape) and int64 labels (n,) in [0, classes)."""
-    x = torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8)
-    return x, torch.randint(0, classes, (n,), generator=gen)
-
-
-def _write_cifar(root: Path, cls: type[tvd.CIFAR10], label_key: str, classes: int, sizes: list[int],
-                 monkeypatch: pytest.MonkeyPatch) -> FakeSet:
-    """torchvision's CIFAR layout: one pickled dict per file, data uint8 (n, 3072) in CHW order.
-
-    The real files are Python 2 pickles read with ``encoding="latin1"``, which gives str keys;
-    so the fake ones are pickled with str keys. ``sizes``: samples per train file, then test.
-    """
-    gen = torch.Generator().manual_seed(classes)
-    folder = root / cls.base_folder
-    folder.mkdir(parents=True)
-    parts = []
-    for (name, _), n in zip(cls.train_list + cls.test_list, sizes):
-        x, y = _random_set(gen, n, (3, 32, 32), classes)
-        entry = {"data": x.reshape(n, 3072).numpy(), label_key: y.tolist()}
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
-        parts.append((x, y))
-    meta_key = cls.meta["key"]
-    (folder / cls.meta["filename"]).write_bytes(pickle.dumps({meta_key: [f"c{i}" for i in range(classes)]}))
-    # The md5 table is data about the files, not loading code: point it at the fake files.
-    monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n, _ in cls.train_list])
-    monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n, _ in cls.test_list])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / cls.meta["filename"])})
-    train = parts[: len(cls.train_list)]
-    return FakeSet(root, folder, torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), *parts[-1])
-
-
-def _write_idx(path: Path, x: torch.Tensor) -> None:
-    """The MNIST idx format: magic (0, 0, type 8 = uint8, ndim), big-endian dims, raw bytes."""
-    header = struct.pack(">I", 0x0800 + x.ndim) + struct.pack(f">{x.ndim}I", *x.shape)
-    path.write_bytes(header + x.numpy().tobytes())
-
-
-@pytest.fixture
-def fake_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSet:
-    return _write_cifar(tmp_path, tvd.CIFAR10, "labels", 10, [20] * 5 + [30], monkeypatch)
-
-
-@pytest.fixture
-def fake_cifar100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSet:
-    return _write_cifar(tmp_path, tvd.CIFAR100, "fine_labels", 100, [60, 20], monkeypatch)
-
-
-@pytest.fixture
-def fake_mnist(tmp_path: Path) -> FakeSet:
-    gen = torch.Generator().manual_seed(1)
-    folder = tmp_path / "MNIST" / "raw"
-    folder.mkdir(parents=True)
-    sets = []
-    for prefix, n in (("train", 50), ("t10k", 20)):
-        x, y = _random_set(gen, n, (1, 28, 28), 10)
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte", x[:, 0])
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", y.to(torch.uint8))
-        sets += [x, y]
-    return FakeSet(tmp_path, folder, *sets)
 
 
 def _cfg(name: str, fake: FakeSet | None = None, **kw: object) -> DataConfig:
@@ -346,7 +262,7 @@ def test_synthetic_is_fixed_by_seed_zero_and_shaped_by_flags() -> None:
 
 def _image_loader(n: int = 64, seed: int = 0, **kw: object) -> BatchLoader:
     """A training loader over random uint8 images with crop + flip; labels = sample ids."""
-    x, _ = _random_set(torch.Generator().manual_seed(0), n, (3, 8, 8), 10)
+    x, _ = random_set(torch.Generator().manual_seed(0), n, (3, 8, 8), 10)
     kw = {"batch_size": 8, "train": True, **kw}
     return BatchLoader(x, torch.arange(n), normalize=Normalize((0.5,) * 3, (0.25,) * 3, torch.uint8),
                        augment=CropFlip(2, "reflect"), seed=seed, **kw)  # type: ignore[arg-type]

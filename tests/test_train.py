@@ -55,6 +55,27 @@ def test_seed_commands_parse_as_the_papers_mean_them(recipe):
     assert from_file.to_dict() == {**cfg.to_dict(), "schedule": {**cfg.to_dict()["schedule"], "decay_frequency": None}}
 
 
+@pytest.mark.parametrize("recipe", sorted(SEED_COMMANDS))
+def test_seed_commands_run_on_a_tiny_on_disk_cifar(recipe, fake_cifar10_large, tmp_path):
+    """The README command as written (only the data folder and a step limit added) trains."""
+    from launcher.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = parse_config(shlex.split(SEED_COMMANDS[recipe]) + [
+        "--data-dir", str(fake_cifar10_large.root), "--max-steps", "2", "--output-dir", str(out),
+        "--device", "cpu", "--no-progress"])
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary["step"] == 2 and 0 <= summary["final_test_acc"] <= 1
+    assert trainer.loaders.train.num_samples == 180 and trainer.loaders.val.num_samples == 20
+    if cfg.sparse:
+        assert abs(summary["final_density"] - 0.05) < 1e-4
+    assert (out / "checkpoints").is_dir() and (out / "config.yaml").is_file()
+
+
 def test_underscore_and_dash_spellings_are_one_flag():
     a = parse_config(["--update_frequency", "7", "--death-rate", "0.3", "--sparse_init", "uniform"])
     b = parse_config(["--update-frequency", "7", "--death_rate", "0.3", "--sparse-init", "uniform"])
@@ -93,29 +114,67 @@ def test_bad_input_exits_2_with_one_line_and_no_run_folder(tmp_path):
         assert not (out / "checkpoints").exists()
 
 
-QUICK = "--data digits --model digits-mlp --epochs 30 --batch-size 64 --lr 0.05 --update_frequency 50 --seed 1"
+def readme_quick_start() -> str:
+    """The flags of the README's main command (after ``itop-train``)."""
+    readme = (REPO / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if "bin/itop-train --sparse --data digits" in l)
+    return line.split("bin/itop-train", 1)[1]
 
 
-@pytest.mark.parametrize("mode,extra,floor", [
-    ("dense", "", 0.95),
-    ("set", "--sparse --density 0.05 --growth random", 0.90),
-    ("rigl", "--sparse --density 0.05 --growth gradient", 0.90),
+@pytest.mark.parametrize("mode,change,floor", [
+    ("set", {}, 0.93),
+    ("dense", {"--sparse": ""}, 0.95),
+    ("rigl", {"--growth random": "--growth gradient"}, 0.93),
 ])
-def test_digits_quick_start_trains(tmp_path, mode, extra, floor):
-    run = train(f"{QUICK} {extra}", tmp_path, mode)
+def test_digits_quick_start_trains(tmp_path, mode, change, floor):
+    args = readme_quick_start()
+    for old, new in change.items():
+        args = args.replace(old, new)
+    run = train(args, tmp_path, mode)
     records = read_metrics(run)
     summary = records[-1]
     assert summary["summary"] and summary["final_test_acc"] >= floor, summary
+    assert summary["step"] == 2200  # 100 epochs of 22 batches
     assert (run / "config.yaml").is_file()
     train_logs = [r for r in records if "train/loss" in r]
     assert train_logs and all({"step", "epoch", "train/lr", "sparsity/density"} <= set(r) for r in train_logs)
-    assert train_logs[0]["train/loss"] > train_logs[-1]["train/loss"]
+    assert train_logs[0]["train/loss"] > 2 * train_logs[-1]["train/loss"]
     evals = [r for r in records if "val/acc" in r]
-    assert len(evals) == 30 and all(0 <= r["val/acc"] <= 1 for r in evals)
+    assert len(evals) == 100 and all(0 <= r["val/acc"] <= 1 for r in evals)
     if mode != "dense":
         assert abs(summary["final_density"] - 0.05) < 0.001
-        assert summary["final_rate"] > 0.1  # ITOP rate: explored twice the weights ever active at once
-        assert any("mask/pruned" in r for r in records)
+        assert summary["final_rate"] > 0.1  # explored at least twice the weights active at once
+        updates = [r for r in records if "mask/pruned" in r]
+        assert len(updates) == 44 and all(r["mask/pruned"] == r["mask/regrown"] for r in updates)
+        assert [r["itop/rate"] for r in updates] == sorted(r["itop/rate"] for r in updates)
+
+
+def test_accelerate_launch_runs_the_same_loop_with_bf16(tmp_path):
+    out = tmp_path / "acc"
+    cmd = [str(pathlib.Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
+           "--cpu", "--mixed_precision", "bf16", "-m", "launcher.train", "--sparse", "--data", "digits",
+           "--model", "digits-mlp", "--epochs", "2", "--batch-size", "64", "--growth", "gradient",
+           "--update_frequency", "10", "--mixed-precision", "bf16", "--output-dir", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_metrics(out)[-1]
+    assert summary["step"] == 44 and abs(summary["final_density"] - 0.05) < 1e-3
+
+
+def test_lr_schedule_follows_the_recipes():
+    from launcher.config import ScheduleConfig
+    from launcher.trainer import lr_factor
+
+    s = ScheduleConfig(epochs=250)
+    assert [lr_factor(e * 10, s, 10, 2500) for e in (0, 124, 125, 186, 187)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01])  # decays at int(250/2) and int(3*250/4), as ITOP main.py
+    s5 = ScheduleConfig(epochs=250, multiplier=5)
+    assert lr_factor(124 * 5 * 10, s5, 10, 12500) == 1 and lr_factor(125 * 5 * 10, s5, 10, 12500) == pytest.approx(0.1)
+    w = ScheduleConfig(epochs=100, warmup_epochs=5, milestones=(0.3, 0.6, 0.9))
+    assert [lr_factor(e * 10, w, 10, 1000) for e in (0, 4, 5, 30, 60, 90)] == pytest.approx(
+        [1 / 6, 5 / 6, 1, 0.1, 0.01, 0.001])
+    c = ScheduleConfig(epochs=10, lr_schedule="cosine")
+    assert lr_factor(50, c, 10, 100) == pytest.approx(0.5) and lr_factor(100, c, 10, 100) == pytest.approx(0)
 
 
 def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
