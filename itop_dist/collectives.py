@@ -35,63 +35,112 @@ def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
+def _as_indices(numel: int, nnz: int) -> bool:
+    """Int32 indices (4 bytes per active weight) beat 1 bit per weight below density 1/32."""
+    return 4 * nnz < (numel + 7) // 8
+
+
+def encoded_size(numel: int, nnz: int) -> int:
+    """Bytes :func:`encode_mask` uses for a mask of ``numel`` entries with ``nnz`` ones."""
+    return 4 * nnz if _as_indices(numel, nnz) else (numel + 7) // 8
+
+
+def encode_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The smaller of two encodings, as uint8 bytes: bit-packed or int32 flat indices."""
+    if _as_indices(mask.numel(), int(mask.sum())):
+        idx = torch.nonzero(mask.reshape(-1)).reshape(-1).to(torch.int32)
+        return idx.view(torch.uint8)
+    return pack_bits(mask)
+
+
+def decode_mask(data: torch.Tensor, shape: tuple[int, ...], nnz: int) -> torch.Tensor:
+    """Inverse of :func:`encode_mask`, given the shape and the number of ones."""
+    numel = torch.Size(shape).numel()
+    if _as_indices(numel, nnz):
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[data.view(torch.int32).to(torch.int64)] = True
+        return mask.reshape(shape)
+    return unpack_bits(data, shape)
+
+
 def broadcast_masks(
     masks: dict[str, torch.Tensor] | None,
     shapes: dict[str, tuple[int, ...]],
     group: dist.ProcessGroup | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Rank 0's masks on every rank, sent as one bit-packed buffer (1 bit per weight).
+    """Rank 0's masks on every rank, in two collectives: the per-layer non-zero counts, then
+    one byte buffer with each layer bit-packed or as indices, whichever is smaller.
 
     ``masks`` is only read on rank 0 (others may pass None); ``shapes`` (the same on every
-    rank, in the same order) sizes the buffer. Returns bool CPU tensors.
+    rank, in the same order) names and sizes the layers. Returns bool CPU tensors.
     """
     if world_size(group) == 1:
         assert masks is not None
         return masks
-    sizes = [(torch.Size(s).numel() + 7) // 8 for s in shapes.values()]
     device = _comm_device(group)
+    src = dist.get_global_rank(group, 0) if group else 0
     if is_rank0(group):
         assert masks is not None
-        buffer = torch.cat([pack_bits(masks[n].cpu()) for n in shapes]).to(device)
+        counts = torch.tensor([int(masks[n].sum()) for n in shapes], dtype=torch.int64)
+    else:
+        counts = torch.empty(len(shapes), dtype=torch.int64)
+    counts = counts.to(device)
+    dist.broadcast(counts, src=src, group=group)
+    counts = counts.cpu().tolist()
+    sizes = [encoded_size(torch.Size(s).numel(), c) for s, c in zip(shapes.values(), counts)]
+    if is_rank0(group):
+        buffer = torch.cat([encode_mask(masks[n].cpu()) for n in shapes]).to(device)
     else:
         buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-    dist.broadcast(buffer, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    dist.broadcast(buffer, src=src, group=group)
     chunks = torch.split(buffer.cpu(), sizes)
-    return {n: unpack_bits(c, s) for (n, s), c in zip(shapes.items(), chunks)}
+    return {n: decode_mask(c, s, k) for (n, s), c, k in zip(shapes.items(), chunks, counts)}
 
 
-def mask_checksums(masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One int64 per layer that changes when any position of the mask changes.
+def checksums(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One int64 per tensor that changes when any entry changes.
 
-    Sum over active flat indices i of (i * 2654435761 + 1) mod 2^31: position-sensitive, so
-    two masks with the same count but different positions differ (int64 never overflows:
-    at most 2^31 * numel).
+    Bool masks: sum over active flat indices i of (i * 2654435761 + 1) mod 2^31, which is
+    position-sensitive (same count, other positions: other sum) and never overflows.
+    Other tensors: the float64 dot product with a fixed ramp, reinterpreted as int64 bits, so
+    equal tensors give equal sums bit for bit.
     """
     sums = []
-    for m in masks.values():
-        idx = torch.nonzero(m.reshape(-1)).reshape(-1).to(torch.int64)
-        sums.append(((idx * 2654435761 + 1) % (2**31)).sum())
+    for t in tensors.values():
+        flat = t.detach().reshape(-1)
+        if t.dtype == torch.bool:
+            idx = torch.nonzero(flat).reshape(-1).to(torch.int64)
+            sums.append(((idx * 2654435761 + 1) % (2**31)).sum().cpu())
+        else:
+            ramp = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+            sums.append((flat.double() * ramp).sum().cpu().reshape(1).view(torch.int64)[0])
     return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.int64)
 
 
-def check_masks(masks: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
-    """Compare every rank's masks with rank 0's in one collective; raise on every rank.
+def check_same(tensors: dict[str, torch.Tensor], what: str = "masks",
+               group: dist.ProcessGroup | None = None) -> None:
+    """Compare every rank's tensors with rank 0's in one collective; raise on every rank.
 
-    The error names the first differing layer and the ranks that differ.
+    The error names the first differing tensor and the ranks that differ.
     """
     if world_size(group) == 1:
         return
     device = _comm_device(group)
-    local = mask_checksums(masks).to(device)
+    local = checksums(tensors).to(device)
     gathered = [torch.empty_like(local) for _ in range(world_size(group))]
     dist.all_gather(gathered, local, group=group)
     table = torch.stack(gathered).cpu()
     differs = (table != table[0]).any(dim=0)
     if bool(differs.any()):
         first = int(torch.nonzero(differs)[0])
-        name = list(masks)[first]
+        name = list(tensors)[first]
         bad = [r for r in range(table.shape[0]) if table[r, first] != table[0, first]]
         raise MaskMismatchError(
-            f"masks differ across ranks: first differing layer {name!r} on rank(s) {bad} "
+            f"{what} differ across ranks: first differing layer {name!r} on rank(s) {bad} "
             f"(vs rank 0); connectivity is no longer identical, stopping"
         )
+
+
+def check_masks(masks: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """Every rank's masks must equal rank 0's (per-layer checksums, one all_gather)."""
+    check_same(masks, "masks", group)

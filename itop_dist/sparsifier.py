@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from itop_dist import collectives
 from itop_dist.config import SparseConfig
@@ -60,11 +62,26 @@ def maskable_parameters(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict
     return found
 
 
-def _full(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The full tensor of a (possibly sharded DTensor) parameter, gradient or buffer."""
+def full_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The full tensor of a (possibly sharded DTensor) parameter, gradient or buffer.
+    A collective for a DTensor: every rank must call it."""
     if t is None:
         return None
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place ops change the parameter)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The part of ``full`` that this rank holds of ``like`` (a sharded DTensor parameter);
+    ``full`` itself for an ordinary tensor. Masks are kept per shard like this under FSDP."""
+    if not isinstance(like, DTensor):
+        return full
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
 @dataclass
@@ -131,19 +148,23 @@ class Sparsifier:
         """W <- W * M for every masked weight, and the same for SGD momentum when configured."""
         for name, p in self.params.items():
             mult = self._mult[name]
-            p.mul_(mult)
+            _local(p).mul_(mult)
             if self.config.mask_momentum:
                 buf = self._momentum(p)
                 if buf is not None:
-                    buf.mul_(mult)
+                    _local(buf).mul_(mult)
 
     @torch.no_grad()
     def update(self) -> UpdateReport:
-        """One mask update: gather, decide on rank 0, broadcast, apply, check."""
+        """One mask update: check, gather, decide on rank 0, broadcast, apply, check.
+
+        The first check proves every rank trained the same connectivity since the last update
+        (a mask changed on one rank only is caught here, before it can be overwritten)."""
+        collectives.check_masks(self.state.masks, self.group)
         on_rank0 = collectives.is_rank0(self.group)
-        weights = {n: _full(p) for n, p in self.params.items()}
-        grads = {n: _full(p.grad) if self.method.needs_grads else None for n, p in self.params.items()}
-        momenta = {n: _full(self._momentum_score(p)) if self.method.needs_momenta else None
+        weights = {n: full_tensor(p) for n, p in self.params.items()}
+        grads = {n: full_tensor(p.grad) if self.method.needs_grads else None for n, p in self.params.items()}
+        momenta = {n: full_tensor(self._momentum_score(p)) if self.method.needs_momenta else None
                    for n, p in self.params.items()}
         if self.method.needs_grads and any(g is None for g in grads.values()):
             raise RuntimeError(
@@ -170,6 +191,12 @@ class Sparsifier:
                               regrown, self.density, self.itop_rate, self.state.layer_densities())
         log.info("%s", report)
         return report
+
+    def verify(self) -> None:
+        """Raise :class:`MaskMismatchError` on every rank unless its masks and explored union
+        equal rank 0's (one collective each)."""
+        collectives.check_same(self.state.masks, "masks", self.group)
+        collectives.check_same(self.state.fired, "explored unions", self.group)
 
     # --- numbers -------------------------------------------------------------------------
     @property
@@ -224,16 +251,16 @@ class Sparsifier:
         mode = self.config.apply_mode
         if mode == "auto":  # a float copy multiplies 2-3x faster than bool on CPU (benchmarks/)
             mode = "float"
-        self._mult = {
-            n: (m.to(self.params[n].dtype) if mode == "float" else m)
-            for n, m in self.state.masks.items()
-        }
+        self._mult = {}
+        for name, mask in self.state.masks.items():
+            shard = local_shard(mask, self.params[name]).to(_local(self.params[name]).device)
+            self._mult[name] = shard.to(self.params[name].dtype) if mode == "float" else shard
 
     def _zero(self, positions: dict[str, torch.Tensor]) -> None:
         """RigL's choice for regrown weights: value 0 and zero momentum."""
         for name, p in self.params.items():
-            where = positions[name].to(p.device)
-            p.masked_fill_(where, 0)
+            where = local_shard(positions[name], p).to(_local(p).device)
+            _local(p).masked_fill_(where, 0)
             buf = self._momentum(p)
             if buf is not None:
-                buf.masked_fill_(where, 0)
+                _local(buf).masked_fill_(where, 0)

@@ -128,12 +128,16 @@ class TrainConfig:
     seed: int = 17
     mixed_precision: str = "no"
     device: str = "auto"
+    sharding: str = "ddp"
 
     def __post_init__(self) -> None:
         self.sparsity.seed = self.seed  # masks are drawn from --seed, identically on every rank
         _check(self.mixed_precision in ("no", "bf16", "fp16"), "--mixed-precision",
                f"{self.mixed_precision!r}: choose no, bf16 or fp16")
         _check(self.device in ("auto", "cpu", "cuda"), "--device", "choose auto, cpu or cuda")
+        _check(self.sharding in ("ddp", "fsdp"), "--sharding", f"{self.sharding!r}: choose ddp or fsdp")
+        _check(not (self.sharding == "fsdp" and self.mixed_precision == "fp16"), "--mixed-precision",
+               "fp16 with --sharding fsdp is not supported; use bf16")
         if self.data.name != "synthetic":
             fits = models.model_datasets(self.model.name)  # raises for an unknown --model
             _check(self.data.name in fits, "--data",
@@ -279,6 +283,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--mixed-precision",), "mixed_precision", str, "no, bf16, fp16"),
     (("--fp16",), "mixed_precision", "fp16", "same as --mixed-precision fp16"),
     (("--device",), "device", str, "auto, cpu or cuda"),
+    (("--sharding",), "sharding", str, "ddp (replicated) or fsdp (FSDP2, sharded)"),
 ]
 
 

@@ -22,9 +22,11 @@ from tqdm import tqdm
 
 import models
 from data_pipelines import BatchLoader, build_loaders
-from itop_dist import Sparsifier, total_steps
+from itop_dist import Sparsifier, collectives, total_steps
+from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer
 from launcher.config import ScheduleConfig, TrainConfig, save_config
+from launcher.parallel import ShardedState, apply_fsdp
 
 log = logging.getLogger("itop_dist.train")
 
@@ -98,6 +100,9 @@ class Trainer:
             self.channels_last = acc.device.type == "cuda" and len(self.loaders.input_shape) == 3
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        sharded = cfg.sharding == "fsdp"
+        if sharded:  # parameters must be sharded before the optimizer and the masks see them
+            model = apply_fsdp(model.to(acc.device), cfg.mixed_precision)
         optimizer = _build_optimizer(model, cfg)
         self.steps_per_epoch = len(self.loaders.train)
         if self.steps_per_epoch == 0:
@@ -106,15 +111,20 @@ class Trainer:
         self.total_steps = total_steps(self.steps_per_epoch, cfg.schedule.epochs, cfg.schedule.multiplier)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, cfg.schedule, self.steps_per_epoch, self.total_steps))
-        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        if sharded:  # FSDP2 owns the model and optimizer state; Accelerate the rest
+            self.model, self.optimizer = model, optimizer
+            self.scheduler = acc.prepare(scheduler)
+        else:
+            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.sparsifier = (
-            Sparsifier(self.model, self.optimizer.optimizer, cfg.sparsity, self.total_steps)
-            if cfg.sparse else None
+            Sparsifier(self.model, optimizer, cfg.sparsity, self.total_steps) if cfg.sparse else None
         )
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
         if self.sparsifier is not None:
             acc.register_for_checkpointing(self.sparsifier)
+        if sharded:
+            acc.register_for_checkpointing(ShardedState(self.model, optimizer))
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", acc.is_main_process)
         if acc.is_main_process:
@@ -186,6 +196,7 @@ class Trainer:
                 if stop or epoch_done:
                     break
         bar.close()
+        self._verify_replicas()
         return self._summary()
 
     # ------------------------------------------------------------------------------------
@@ -267,6 +278,13 @@ class Trainer:
                 "config": self.cfg.to_dict()}
         self.checkpointer.save(self.state.step, meta, is_best)
 
+    def _verify_replicas(self) -> None:
+        """Every rank must end with rank 0's masks, explored union and weights (raises)."""
+        if self.sparsifier is not None:
+            self.sparsifier.verify()
+        weights = {n: full_tensor(p) for n, p in self.model.named_parameters()}
+        collectives.check_same(weights, "weights")
+
     def _summary(self) -> dict:
         last = getattr(self, "last_eval", None) or {}
         summary = {
@@ -274,6 +292,8 @@ class Trainer:
             "final_val_acc": last.get("val/acc"), "final_test_acc": last.get("test/acc"),
             "best_val_acc": self.state.best_acc, "best_step": self.state.best_step,
             "selected_on": "val" if self.loaders.val is not None else "test (no validation split)",
+            "world_size": self.accelerator.num_processes, "sharding": self.cfg.sharding,
+            "ranks_identical": True,  # _verify_replicas raised otherwise
             **{f"final_{k.split('/')[-1]}": v for k, v in self._sparse_numbers().items()},
         }
         self.metrics.write(summary)

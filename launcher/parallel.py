@@ -1,0 +1,60 @@
+"""Parallelism, applied in one place: FSDP2 sharding (``--sharding fsdp``).
+
+Replicated training (``--sharding ddp``) is Accelerate's DDP wrapper, applied by
+``accelerator.prepare``. Sharded training applies ``torch.distributed.fsdp.fully_shard`` here,
+in a fixed order as torchtitan does: every block (each child of an ``nn.Sequential`` or
+``nn.ModuleList`` that holds parameters) first, then the root, which takes the rest (stem,
+classifier). Parameters, gradients and optimizer state are then sharded along dim 0 across all
+ranks; this works with NCCL on GPUs and with gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules that get their own FSDP unit, in definition order."""
+    found = []
+    for module in model.modules():
+        if isinstance(module, (nn.Sequential, nn.ModuleList)):
+            found += [child for child in module.children() if any(True for _ in child.parameters())]
+    return found
+
+
+def apply_fsdp(model: nn.Module, mixed_precision: str) -> nn.Module:
+    """Shard ``model`` in place with FSDP2; bf16 compute with fp32 gradient reduction if asked."""
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
+        reduce_dtype=torch.float32 if mixed_precision == "bf16" else None,
+    )
+    for block in blocks(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+class ShardedState:
+    """Model and optimizer state of a sharded run, for Accelerate's checkpointing.
+
+    ``state_dict`` gathers the full (unsharded) state on rank 0 (a collective: Accelerate calls
+    it on every rank and writes rank 0's); ``load_state_dict`` hands rank 0's full state to
+    every rank's shards. Full state dicts make the checkpoint independent of the world size.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_state_dict(self, sd: dict) -> None:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"],
+                       optim_state_dict=sd["optimizer"], options=options)
