@@ -3,7 +3,7 @@
 Replicated training (``--sharding ddp``) is Accelerate's DDP wrapper, applied by
 ``accelerator.prepare``. Sharded training applies ``torch.distributed.fsdp.fully_shard`` here,
 in a fixed order as torchtitan does: every block (each child of an ``nn.Sequential`` or
-``nn.ModuleList`` that holds parameters) first, then the root, which takes the rest (stem,
+``nn.ModuleList`` that holds parameters, outermost only) first, then the root, which takes the rest (stem,
 classifier). Parameters, gradients and optimizer state are then sharded along dim 0 across all
 ranks; this works with NCCL on GPUs and with gloo on CPUs.
 """
@@ -18,12 +18,18 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules that get their own FSDP unit, in definition order."""
-    found = []
-    for module in model.modules():
-        if isinstance(module, (nn.Sequential, nn.ModuleList)):
-            found += [child for child in module.children() if any(True for _ in child.parameters())]
-    return found
+    """The modules that get their own FSDP unit, in definition order: children of containers
+    that hold parameters, outermost only (a ResNet block, not its downsample inside it)."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+            continue
+        if any(name == b or name.startswith(b + ".") for b in found):
+            continue  # inside a block already chosen
+        for child_name, child in module.named_children():
+            if any(True for _ in child.parameters()):
+                found[f"{name}.{child_name}" if name else child_name] = child
+    return list(found.values())
 
 
 def apply_fsdp(model: nn.Module, mixed_precision: str) -> nn.Module:
