@@ -35,7 +35,11 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum (ITOP CIFAR recipe: Nesterov, L2 5e-4) or Adam."""
+    """SGD with momentum (ITOP CIFAR recipe: Nesterov, L2 5e-4) or Adam.
+
+    accumulate: micro-batches per optimizer step (gradient accumulation). The global batch is
+    processes x --batch-size x accumulate; the LR is never scaled for you.
+    """
 
     name: str = "sgd"
     lr: float = 0.1
@@ -43,8 +47,10 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
+        _check(self.accumulate >= 1, "--grad-accum-steps", f"{self.accumulate} must be >= 1")
         _check(self.name in ("sgd", "adam"), "--optimizer", f"{self.name!r}: choose sgd or adam")
         _check(self.lr > 0, "--lr", f"{self.lr} must be > 0")
         _check(0 <= self.label_smoothing < 1, "--label-smoothing", "must be in [0, 1)")
@@ -265,6 +271,8 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--l2", "--weight-decay", "--wd"), "optim.weight_decay", float, "weight decay"),
     (("--optimizer",), "optim.name", str, "sgd or adam"),
     (("--label-smoothing",), "optim.label_smoothing", float, "label smoothing epsilon"),
+    (("--grad-accum-steps", "--gradient-accumulation-steps"), "optim.accumulate", int,
+     "micro-batches per optimizer step"),
     (("--epochs",), "schedule.epochs", float, "epochs (before --multiplier)"),
     (("--multiplier",), "schedule.multiplier", float, "extended training: epochs x multiplier"),
     (("--lr-schedule",), "schedule.lr_schedule", str, "multistep, cosine, constant"),

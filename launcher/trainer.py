@@ -8,16 +8,18 @@ LR step, log, evaluate, checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 
 import models
@@ -100,14 +102,18 @@ class Trainer:
             self.channels_last = acc.device.type == "cuda" and len(self.loaders.input_shape) == 3
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        sharded = cfg.sharding == "fsdp"
+        # An Accelerate config with distributed_type FSDP asks for the same sharding; on CPUs
+        # Accelerate drops it (MULTI_CPU) but its launcher still sets ACCELERATE_USE_FSDP.
+        sharded = (cfg.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
+                   or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+        self.sharded = sharded
         if sharded:  # parameters must be sharded before the optimizer and the masks see them
             model = apply_fsdp(model.to(acc.device), cfg.mixed_precision)
         optimizer = _build_optimizer(model, cfg)
-        self.steps_per_epoch = len(self.loaders.train)
+        self.steps_per_epoch = len(self.loaders.train) // cfg.optim.accumulate
         if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {cfg.data.batch_size} x {acc.num_processes} processes "
-                             f"is larger than the training set ({self.loaders.train.num_samples})")
+            raise ValueError(f"--grad-accum-steps {cfg.optim.accumulate}: more than the "
+                             f"{len(self.loaders.train)} batches per epoch of each process")
         self.total_steps = total_steps(self.steps_per_epoch, cfg.schedule.epochs, cfg.schedule.multiplier)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, cfg.schedule, self.steps_per_epoch, self.total_steps))
@@ -154,27 +160,18 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         correct_sum = torch.zeros((), device=acc.device)
         seen, window, tick = 0, 0, time.perf_counter()
+        k = cfg.optim.accumulate
+        per_epoch = self.steps_per_epoch * k  # micro-batches used per epoch (the rest dropped)
         self.model.train()
         while st.step < last_step:
             self.loaders.train.set_epoch(st.epoch, start_batch=st.batch_in_epoch)
-            for x, y in self.loaders.train:
-                x, y = self._to_device(x, y)
-                logits = self.model(x)
-                loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
-                self.optimizer.zero_grad(set_to_none=True)
-                acc.backward(loss)
-                self.optimizer.step()
-                st.step += 1
-                st.batch_in_epoch += 1
-                # A step skipped for inf/NaN gradients (fp16) changed no weight: no mask hook.
-                if self.sparsifier is not None and not acc.optimizer_step_was_skipped:
-                    report = self.sparsifier.step()  # re-mask; prune and regrow on update steps
-                    if report is not None:
-                        self._on_mask_update(report)
-                self.scheduler.step()
-                loss_sum += loss.detach()
-                correct_sum += (logits.argmax(1) == y).sum()
-                seen, window = seen + y.numel(), window + 1
+            micro = iter(self.loaders.train)
+            while st.step < last_step and st.batch_in_epoch < per_epoch:
+                loss, correct, count = self._train_step([next(micro) for _ in range(k)])
+                st.batch_in_epoch += k
+                loss_sum += loss
+                correct_sum += correct
+                seen, window = seen + count, window + 1
                 bar.update(1)
                 if st.step % cfg.log.log_every == 0 or st.step == last_step:
                     record = self._train_record(loss_sum / window, correct_sum, seen,
@@ -183,7 +180,7 @@ class Trainer:
                                      if k in ("train/loss", "train/acc", "sparsity/density", "itop/rate")})
                     loss_sum.zero_(), correct_sum.zero_()
                     seen, window, tick = 0, 0, time.perf_counter()
-                epoch_done = st.batch_in_epoch == self.steps_per_epoch
+                epoch_done = st.batch_in_epoch >= per_epoch
                 if epoch_done:
                     st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                 stop = st.step >= last_step
@@ -193,11 +190,50 @@ class Trainer:
                         self._save(is_best)
                 elif self._save_due():
                     self._save(False)
-                if stop or epoch_done:
+                if epoch_done:
                     break
         bar.close()
         self._verify_replicas()
         return self._summary()
+
+    def _train_step(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step over k micro-batches (gradient accumulation; k = 1 usually).
+
+        Gradients are synchronised across ranks on the last micro-batch only, so the sparse
+        hook after ``optimizer.step()`` sees the gradient of all k micro-batches on all ranks,
+        unscaled (fp16). Returns the mean loss, the correct count and the sample count.
+        """
+        acc, k = self.accelerator, len(micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=acc.device)
+        correct = torch.zeros((), device=acc.device)
+        count = 0
+        for i, (x, y) in enumerate(micro_batches):
+            x, y = self._to_device(x, y)
+            with self._grad_sync(last=i == k - 1):
+                logits = self.model(x)
+                loss = torch.nn.functional.cross_entropy(
+                    logits, y, label_smoothing=self.cfg.optim.label_smoothing)
+                acc.backward(loss / k)
+            loss_sum += loss.detach()
+            correct += (logits.argmax(1) == y).sum()
+            count += y.numel()
+        self.optimizer.step()
+        self.state.step += 1
+        # A step skipped for inf/NaN gradients (fp16) changed no weight: no mask hook.
+        if self.sparsifier is not None and not acc.optimizer_step_was_skipped:
+            report = self.sparsifier.step()  # re-mask; prune and regrow on update steps
+            if report is not None:
+                self._on_mask_update(report)
+        self.scheduler.step()
+        return loss_sum / k, correct, count
+
+    def _grad_sync(self, last: bool):
+        """All-reduce (DDP) or reduce-scatter (FSDP) gradients only on the last micro-batch."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
 
     # ------------------------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor, y: torch.Tensor):
@@ -292,7 +328,7 @@ class Trainer:
             "final_val_acc": last.get("val/acc"), "final_test_acc": last.get("test/acc"),
             "best_val_acc": self.state.best_acc, "best_step": self.state.best_step,
             "selected_on": "val" if self.loaders.val is not None else "test (no validation split)",
-            "world_size": self.accelerator.num_processes, "sharding": self.cfg.sharding,
+            "world_size": self.accelerator.num_processes, "sharding": "fsdp" if self.sharded else "ddp",
             "ranks_identical": True,  # _verify_replicas raised otherwise
             **{f"final_{k.split('/')[-1]}": v for k, v in self._sparse_numbers().items()},
         }

@@ -102,3 +102,39 @@ def test_resumed_two_process_run_matches_uninterrupted(tmp_path, sharding):
     launch(part, f"--sharding {sharding} --growth gradient --resume auto")
     assert_identical(ranks(full)[0], ranks(part)[0])
     assert_identical(ranks(part)[0], ranks(part)[1])
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_gradient_accumulation_across_ranks(tmp_path, sharding):
+    """Gradients sync on the last micro-batch only; the mask hook sees the accumulated one."""
+    launch(tmp_path, f"--sharding {sharding} --growth gradient --grad-accum-steps 2")
+    r0, r1 = ranks(tmp_path)
+    assert_identical(r0, r1)
+    assert r0["summary"]["step"] == 33 and r0["updates"] == 4  # 11 steps per epoch
+
+
+def test_accelerate_config_files(tmp_path):
+    """The shipped configs load; the FSDP one shards through Accelerate's own launcher."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = REPO / "launcher" / "accelerate"
+    kinds = {p.stem: load_config_from_file(str(p)) for p in folder.glob("*.yaml")}
+    assert set(kinds) == {"single_gpu", "multi_gpu", "multi_node", "fsdp"}
+    assert kinds["single_gpu"].num_processes == 1
+    assert kinds["multi_node"].num_machines == 2 and kinds["multi_node"].distributed_type == "MULTI_GPU"
+    assert kinds["fsdp"].distributed_type == "FSDP"
+    # The FSDP config, as a user would adapt it for 2 CPU processes.
+    text = (folder / "fsdp.yaml").read_text()
+    cpu = tmp_path / "fsdp_cpu.yaml"
+    cpu.write_text(text.replace("num_processes: 8", "num_processes: 2").replace("use_cpu: false", "use_cpu: true")
+                   .replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    out = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(ACCELERATE), "launch", "--config_file", str(cpu), "--main_process_port",
+                           str(free_port()), str(WORKER), *shlex.split(ARGS), "--epochs", "1",
+                           "--output-dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r0, r1 = ranks(out)
+    assert r0["summary"]["sharding"] == "fsdp" and r0["shards"]["fc2.weight"] == (32768, 65536)
+    assert_identical(r0, r1)

@@ -235,3 +235,20 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
     assert trainer.checkpointer.complete() == done and trainer.checkpointer.best() == best
     assert trainer.checkpointer.resolve("auto") == done[-1]
     trainer.close()
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """2 micro-batches of 16 take the same optimizer steps as batches of 32 (same samples)."""
+    from safetensors.torch import load_file
+
+    args = ("--sparse --data digits --model digits-mlp --epochs 1 --density 0.2 --growth gradient "
+            "--update_frequency 10 --lr-schedule constant --seed 3")
+    big = train(f"{args} --batch-size 32", tmp_path, "big")
+    acc = train(f"{args} --batch-size 16 --grad-accum-steps 2", tmp_path, "acc")
+    ckpt = "checkpoints/step-00000044"
+    wa, wb = load_file(big / ckpt / "model.safetensors"), load_file(acc / ckpt / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    ma = torch.load(big / ckpt / "custom_checkpoint_1.pkl", weights_only=False)["state"]["masks"]
+    mb = torch.load(acc / ckpt / "custom_checkpoint_1.pkl", weights_only=False)["state"]["masks"]
+    assert all(torch.equal(ma[n]["bits"], mb[n]["bits"]) for n in ma)
+    assert read_metrics(acc)[-1]["step"] == 44
