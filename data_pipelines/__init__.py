@@ -10,17 +10,19 @@ a run resumed mid-epoch sees exactly the batches of an uninterrupted run::
         loaders.train.set_epoch(epoch)
         for x, y in loaders.train: ...
 
-Datasets plug in by name with ``@register_dataset(name)``; see ``list_datasets()``.
+Datasets plug in by name with ``@register_dataset(name)``; see ``list_datasets()``. ImageNet
+is read from its folder layout batch by batch, by NVIDIA DALI or torchvision
+(``data_pipelines.imagenet``), behind the same loader interface.
 """
 
 from __future__ import annotations
 
-# Importing the module registers the built-in datasets.
-from . import datasets  # noqa: F401
+# Importing the modules registers the built-in datasets.
+from . import datasets, imagenet  # noqa: F401
 from .build import Loaders, build_loaders
 from .config import DataConfig
 from .loader import BatchLoader
-from .registry import DatasetSpec, list_datasets, register_dataset
+from .registry import DatasetSpec, list_datasets, register_dataset, register_loaders
 from .transforms import CropFlip, Normalize
 
 __all__ = [
@@ -33,4 +35,5 @@ __all__ = [
     "build_loaders",
     "list_datasets",
     "register_dataset",
+    "register_loaders",
 ]

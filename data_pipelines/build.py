@@ -9,7 +9,7 @@ import torch
 
 from .config import DataConfig
 from .loader import BatchLoader
-from .registry import DatasetSpec, get_dataset_fn
+from .registry import DatasetSpec, get_dataset_fn, get_loaders_fn
 from .transforms import Normalize
 
 __all__ = ["Loaders", "build_loaders", "train_valid_cut"]
@@ -20,10 +20,11 @@ class Loaders:
     """The loaders of one rank and what the model needs to know about the data.
 
     val is None when the validation split is 0 (CIFAR-100, digits by default: REF then selects
-    on the test set).
+    on the test set). File-based datasets (ImageNet) return their own loaders with the same
+    interface (``len``, ``num_samples``, ``set_epoch``, iteration over ``(x, y)``).
     """
 
-    train: BatchLoader
+    train: BatchLoader  # or any loader with BatchLoader's interface (data_pipelines.imagenet)
     val: BatchLoader | None
     test: BatchLoader
     num_classes: int
@@ -49,6 +50,9 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+    from_files = get_loaders_fn(cfg.name)
+    if from_files is not None:  # read batch by batch from disk (ImageNet)
+        return from_files(cfg, seed, rank, world_size)
     spec = get_dataset_fn(cfg.name)(cfg)
     spec.check(cfg.name)
     split = spec.valid_split if cfg.valid_split is None else cfg.valid_split

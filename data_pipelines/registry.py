@@ -3,6 +3,10 @@
 A registered function takes the ``DataConfig`` and returns a ``DatasetSpec``: the raw train and
 test tensors plus how to normalise and augment them. The loaders (``build_loaders``) do the rest,
 so a new in-memory dataset is one function.
+
+Datasets too large for memory (ImageNet) register with ``@register_loaders(name)`` instead: a
+function ``fn(cfg, seed, rank, world_size) -> Loaders`` that builds its own file-based loaders
+(with the ``BatchLoader`` interface). Both kinds share one namespace of ``--data`` names.
 """
 
 from __future__ import annotations
@@ -17,9 +21,20 @@ from models.registry import DatasetInfo
 from .transforms import CropFlip
 
 if TYPE_CHECKING:  # only for annotations: config imports this module
+    from .build import Loaders
     from .config import DataConfig
 
-__all__ = ["DatasetFn", "DatasetSpec", "get_dataset_fn", "list_datasets", "register_dataset"]
+__all__ = [
+    "DatasetFn",
+    "DatasetSpec",
+    "LoadersFn",
+    "check_dataset",
+    "get_dataset_fn",
+    "get_loaders_fn",
+    "list_datasets",
+    "register_dataset",
+    "register_loaders",
+]
 
 
 @dataclass
@@ -68,8 +83,12 @@ class DatasetSpec:
 
 DatasetFn = Callable[["DataConfig"], DatasetSpec]
 F = TypeVar("F", bound=DatasetFn)
+# fn(cfg, seed, rank, world_size) -> Loaders, for datasets read from files batch by batch.
+LoadersFn = Callable[["DataConfig", int, int, int], "Loaders"]
+L = TypeVar("L", bound=LoadersFn)
 
 _REGISTRY: dict[str, DatasetFn] = {}
+_LOADERS: dict[str, LoadersFn] = {}
 
 
 def register_dataset(name: str) -> Callable[[F], F]:
@@ -79,7 +98,7 @@ def register_dataset(name: str) -> Callable[[F], F]:
     """
 
     def decorator(fn: F) -> F:
-        if name in _REGISTRY:
+        if name in _REGISTRY or name in _LOADERS:
             raise ValueError(f"Dataset {name!r} is already registered")
         _REGISTRY[name] = fn
         return fn
@@ -87,13 +106,42 @@ def register_dataset(name: str) -> Callable[[F], F]:
     return decorator
 
 
+def register_loaders(name: str) -> Callable[[L], L]:
+    """Decorator: register ``fn(cfg, seed, rank, world_size) -> Loaders`` as ``--data name``.
+
+    For file-based datasets that build their own loaders (ImageNet). Raises ``ValueError`` if
+    the name is taken by either kind of dataset.
+    """
+
+    def decorator(fn: L) -> L:
+        if name in _REGISTRY or name in _LOADERS:
+            raise ValueError(f"Dataset {name!r} is already registered")
+        _LOADERS[name] = fn
+        return fn
+
+    return decorator
+
+
 def list_datasets() -> list[str]:
     """Sorted names of every registered dataset (the choices of ``--data``)."""
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_LOADERS))
+
+
+def check_dataset(name: str) -> None:
+    """``ValueError`` naming ``--data`` and listing the known names unless ``name`` is registered."""
+    if name not in _REGISTRY and name not in _LOADERS:
+        raise ValueError(f"--data: unknown dataset {name!r}; known: {', '.join(list_datasets())}")
 
 
 def get_dataset_fn(name: str) -> DatasetFn:
-    """The function registered as ``name``; ``ValueError`` naming ``--data`` if none is."""
+    """The in-memory function registered as ``name``; ``ValueError`` naming ``--data`` if none is."""
+    check_dataset(name)
     if name not in _REGISTRY:
-        raise ValueError(f"--data: unknown dataset {name!r}; known: {', '.join(list_datasets())}")
+        raise ValueError(f"--data: {name!r} is read from files, not loaded into memory; "
+                         f"use build_loaders")
     return _REGISTRY[name]
+
+
+def get_loaders_fn(name: str) -> LoadersFn | None:
+    """The loader builder registered as ``name`` with ``register_loaders``, or None."""
+    return _LOADERS.get(name)

@@ -39,6 +39,8 @@ class OptimConfig:
 
     accumulate: micro-batches per optimizer step (gradient accumulation). The global batch is
     processes x --batch-size x accumulate; the LR is never scaled for you.
+    bn_weight_decay: False exempts every normalisation-layer parameter from weight decay (the
+    ImageNet recipe; the reference's name rule 'bn' misses the downsample BNs, this does not).
     """
 
     name: str = "sgd"
@@ -48,6 +50,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     accumulate: int = 1
+    bn_weight_decay: bool = True
 
     def __post_init__(self) -> None:
         _check(self.accumulate >= 1, "--grad-accum-steps", f"{self.accumulate} must be >= 1")
@@ -138,8 +141,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.sparsity.seed = self.seed  # masks are drawn from --seed, identically on every rank
-        _check(self.mixed_precision in ("no", "bf16", "fp16"), "--mixed-precision",
-               f"{self.mixed_precision!r}: choose no, bf16 or fp16")
+        _check(self.mixed_precision in ("no", "bf16", "fp16", "auto"), "--mixed-precision",
+               f"{self.mixed_precision!r}: choose no, bf16, fp16 or auto (bf16 where the GPU has it)")
         _check(self.device in ("auto", "cpu", "cuda"), "--device", "choose auto, cpu or cuda")
         _check(self.sharding in ("ddp", "fsdp"), "--sharding", f"{self.sharding!r}: choose ddp or fsdp")
         _check(not (self.sharding == "fsdp" and self.mixed_precision == "fp16"), "--mixed-precision",
@@ -251,6 +254,8 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--num-workers", "-j", "--workers"), "data.num_workers", int, "loader worker processes"),
     (("--valid-split",), "data.valid_split", float, "fraction of the training set for validation"),
     (("--no-augment",), "data.augment", False, "no training augmentation"),
+    (("--loader",), "data.loader", str, "ImageNet loader: auto, dali or torchvision"),
+    (("--image-size",), "data.image_size", int, "ImageNet crop size (224)"),
     (("--sparse",), "sparse", True, "train a sparse network (dense without it)"),
     (("--method",), "sparsity.method", str, "DST (SET/RigL by --growth) or static"),
     (("--fix",), "sparsity.method", "static", "static sparse training: never update masks"),
@@ -271,6 +276,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--l2", "--weight-decay", "--wd"), "optim.weight_decay", float, "weight decay"),
     (("--optimizer",), "optim.name", str, "sgd or adam"),
     (("--label-smoothing",), "optim.label_smoothing", float, "label smoothing epsilon"),
+    (("--bn-weight-decay",), "optim.bn_weight_decay", _bool, "weight decay on BN parameters (true/false)"),
     (("--grad-accum-steps", "--gradient-accumulation-steps"), "optim.accumulate", int,
      "micro-batches per optimizer step"),
     (("--epochs",), "schedule.epochs", float, "epochs (before --multiplier)"),

@@ -85,7 +85,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.accelerator = acc = Accelerator(
             cpu=cfg.device == "cpu",
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=_resolve_precision(cfg),
             step_scheduler_with_optimizer=False,  # the schedule is defined per optimizer step
         )
         set_seed(cfg.seed)  # the same on every rank: identical initial weights and masks
@@ -108,7 +108,7 @@ class Trainer:
                    or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
         self.sharded = sharded
         if sharded:  # parameters must be sharded before the optimizer and the masks see them
-            model = apply_fsdp(model.to(acc.device), cfg.mixed_precision)
+            model = apply_fsdp(model.to(acc.device), acc.mixed_precision)
         optimizer = _build_optimizer(model, cfg)
         self.steps_per_epoch = len(self.loaders.train) // cfg.optim.accumulate
         if self.steps_per_epoch == 0:
@@ -340,12 +340,29 @@ class Trainer:
         self.accelerator.end_training()
 
 
+NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
 def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or Adam; with ``bn_weight_decay`` off, normalisation parameters get no decay."""
     o = cfg.optim
+    norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if o.bn_weight_decay or id(p) not in norm]},
+              {"params": [p for p in model.parameters() if not o.bn_weight_decay and id(p) in norm],
+               "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     if o.name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum,
                            nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+
+
+def _resolve_precision(cfg: TrainConfig) -> str:
+    """``auto``: bf16 on GPUs that support it, full precision elsewhere."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
 
 
 def _closest_dataset(model_name: str) -> str:

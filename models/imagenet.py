@@ -1,4 +1,5 @@
-"""ImageNet models: torchvision ResNet-50 (v1.5) with the reference recipes' conv inits."""
+"""ImageNet models: torchvision ResNet-50 (v1.5) with the reference recipes' conv inits, and
+ResNet-18 with the same inits for tests and smoke runs."""
 
 from __future__ import annotations
 
@@ -39,4 +40,14 @@ def resnet50(num_classes: int, init: str = "fanin") -> nn.Module:
     if init not in INITS:  # fail before paying for the 25M-parameter construction
         raise ValueError(f"Unknown init {init!r}; expected one of {', '.join(INITS)}")
     model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    return init_convs(model, init)
+
+
+@register_model("resnet18", datasets=("imagenet",))
+def resnet18(num_classes: int, init: str = "fanin") -> nn.Module:
+    """torchvision ResNet-18 (11.7M parameters): a small ImageNet model for tests and smoke runs,
+    with the same ``init`` options as ``resnet50``. Input ``(B, 3, H, W)``, any H, W >= 32."""
+    if init not in INITS:
+        raise ValueError(f"Unknown init {init!r}; expected one of {', '.join(INITS)}")
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     return init_convs(model, init)

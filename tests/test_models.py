@@ -35,6 +35,8 @@ SPEC_COUNTS: dict[str, dict[int, tuple[int, int]]] = {
     "cifar_resnet_20": {10: (272_474, 270_896)},
     "cifar_resnet_32": {10: (466_906, 464_432)},
     "resnet50": {1000: (25_557_032, 25_502_912)},
+    # Not in the spec: torchvision ResNet-18, the small ImageNet model of the tests.
+    "resnet18": {1000: (11_689_512, 11_678_912)},
     # Not in the spec: FC 64-256-256-10 with biases, counted by hand.
     "digits-mlp": {10: (64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10, 64 * 256 + 256 * 256 + 2560)},
 }
@@ -68,6 +70,7 @@ EXPECTED_FITS: dict[str, tuple[str, ...]] = {
     "ResNet50": CIFAR,
     "vgg19": CIFAR,
     "resnet50": ("imagenet",),
+    "resnet18": ("imagenet",),
     "digits-mlp": ("digits",),
 }
 
@@ -107,10 +110,12 @@ def test_registry_lists_exactly_the_expected_models() -> None:
     assert names == sorted(names)
     assert set(names) == set(EXPECTED_FITS)
     for name, fits in EXPECTED_FITS.items():
-        if name.lower() != "resnet50":
+        if name.lower() not in ("resnet50", "resnet18", "resnet-18"):
             assert model_datasets(name) == fits, name
-    # ResNet50 / resnet50 are one normalised name: its variants together fit all three.
+    # ResNet50 / resnet50 (and ResNet-18 / resnet18) are one normalised name: its variants
+    # together fit all three.
     assert model_datasets("ResNet50") == ("cifar10", "cifar100", "imagenet")
+    assert model_datasets("ResNet-18") == model_datasets("resnet18") == ("cifar10", "cifar100", "imagenet")
 
 
 @pytest.mark.parametrize(("name", "dataset"), all_pairs())
@@ -285,6 +290,21 @@ def test_imagenet_resnet50_fanin_and_classic_init() -> None:
 
     with pytest.raises(ValueError, match="init"):
         create_model("resnet50", "imagenet", init="xavier")
+
+
+def test_imagenet_resnet18_is_torchvisions_with_the_same_inits() -> None:
+    torch.manual_seed(0)
+    small = create_model("resnet18", "imagenet")
+    assert isinstance(small, torchvision.models.ResNet)
+    assert counts(small) == (11_689_512, 11_678_912)
+    # layer2.0.downsample.0 is a 1x1 conv 64 -> 128: fan_in 64, fan_out 128.
+    assert abs(_std_ratio(small.layer2[0].downsample[0].weight, 64) - 1) < 0.1
+    classic = create_model("resnet18", "imagenet", init="classic")
+    assert abs(_std_ratio(classic.layer2[0].downsample[0].weight, 128) - 1) < 0.1
+    assert not isinstance(create_model("ResNet-18", "cifar10"), torchvision.models.ResNet)
+    assert create_model("resnet18", "imagenet", num_classes=3)(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(ValueError, match="init"):
+        create_model("resnet18", "imagenet", init="xavier")
 
 
 def test_wrn_and_vgg19_init() -> None:

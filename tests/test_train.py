@@ -252,3 +252,21 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     mb = torch.load(acc / ckpt / "custom_checkpoint_1.pkl", weights_only=False)["state"]["masks"]
     assert all(torch.equal(ma[n]["bits"], mb[n]["bits"]) for n in ma)
     assert read_metrics(acc)[-1]["step"] == 44
+
+
+def test_bn_weight_decay_off_exempts_every_norm_layer():
+    import models
+    from launcher.trainer import _build_optimizer
+
+    cfg = parse_config(["--model", "ResNet-18", "--data", "cifar10", "--bn-weight-decay", "false"])
+    model = models.create_model("ResNet-18", "cifar10")
+    no_decay = {id(p) for g in _build_optimizer(model, cfg).param_groups if g["weight_decay"] == 0
+                for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in no_decay}
+    assert "layer2.0.shortcut.1.weight" in names  # a BN the reference's 'bn' name rule misses
+    assert all(n.rsplit(".", 1)[0] in dict(model.named_modules()) and
+               isinstance(dict(model.named_modules())[n.rsplit(".", 1)[0]], torch.nn.BatchNorm2d)
+               for n in names)
+    assert len(names) == sum(2 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    default = parse_config(["--model", "ResNet-18", "--data", "cifar10"])
+    assert all(g["weight_decay"] == 5e-4 for g in _build_optimizer(model, default).param_groups)

@@ -1,0 +1,89 @@
+"""What a run shows: W&B through Accelerate's tracker API and ``metrics.jsonl``, from rank 0.
+
+W&B runs offline unless the user is logged in (an API key in ``WANDB_API_KEY`` or the netrc
+that ``wandb login`` writes): the run is written under ``<run folder>/wandb`` and can be
+uploaded later with ``wandb sync <run folder>/wandb/offline-run-*`` (clusters whose nodes have
+no internet). ``--no-wandb`` turns W&B off; ``metrics.jsonl`` always holds the same numbers.
+The W&B run id is kept in the checkpoint, so a resumed or requeued run continues the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+from accelerate import Accelerator
+
+
+def wandb_available() -> bool:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def wandb_mode(requested: str) -> str:
+    """``auto``: online when logged in (an API key is configured), else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    try:
+        import wandb
+
+        return "online" if wandb.api.api_key else "offline"
+    except Exception:  # noqa: BLE001 - no settings, no key: stay offline
+        return "offline"
+
+
+class Tracker:
+    """Logs one record per call to ``metrics.jsonl`` and, when enabled, to W&B (rank 0 only)."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: pathlib.Path, enabled: bool,
+                 project: str, mode: str) -> None:
+        self.accelerator = accelerator
+        self.path = run_dir / "metrics.jsonl"
+        self.main = accelerator.is_main_process
+        self.wandb = enabled and wandb_available()
+        self.run_dir, self.project, self.mode = run_dir, project, wandb_mode(mode)
+        self.run_id: str | None = None
+
+    def start(self, config: dict, run_id: str | None) -> str | None:
+        """Open (or, with the id of a checkpoint, continue) the W&B run."""
+        if not self.wandb:
+            return None
+        import wandb
+
+        self.run_id = run_id or wandb.util.generate_id()
+        (self.run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        self.accelerator.init_trackers(self.project, config=config, init_kwargs={"wandb": {
+            "id": self.run_id, "resume": "allow", "dir": str(self.run_dir), "mode": self.mode,
+            "name": self.run_dir.name}})
+        return self.run_id
+
+    def log(self, record: dict, step: int, epoch: int) -> None:
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, **record}) + "\n")
+        if self.wandb:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                                 step=step)
+
+    def log_layers(self, densities: dict[str, float], step: int, key: str = "mask/layer_density") -> None:
+        """Per-layer densities as a W&B bar chart (and in metrics.jsonl)."""
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, key: densities}) + "\n")
+        if self.wandb and self.main:
+            import wandb
+
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            table = wandb.Table(data=[[n, d] for n, d in densities.items()], columns=["layer", "density"])
+            run.log({key: wandb.plot.bar(table, "layer", "density", title=f"layer densities, step {step}")},
+                    step=step)
+
+    def finish(self) -> None:
+        if self.wandb:
+            self.accelerator.end_training()
