@@ -112,14 +112,22 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    """output_dir: the run folder (default runs/<model>-<data>-<method>-d<density>-s<seed>)."""
+    """output_dir: the run folder (default runs/<model>-<data>-<method>-d<density>-s<seed>).
+    wandb: log to Weights & Biases too (``--no-wandb`` turns it off); wandb_mode ``auto`` is
+    online when logged in, offline (files under the run folder) otherwise."""
 
     output_dir: str | None = None
     log_every: int = 50
     progress: bool = True
+    wandb: bool = True
+    wandb_project: str = "itop_dist"
+    wandb_mode: str = "auto"
+    plots: bool = True
 
     def __post_init__(self) -> None:
         _check(self.log_every >= 1, "--log-interval", "must be >= 1")
+        _check(self.wandb_mode in ("auto", "online", "offline"), "--wandb-mode",
+               f"{self.wandb_mode!r}: choose auto, online or offline")
 
 
 @dataclass
@@ -293,6 +301,10 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--output-dir", "--save-dir"), "log.output_dir", str, "the run folder"),
     (("--log-interval", "--log-every"), "log.log_every", int, "steps between train logs"),
     (("--no-progress",), "log.progress", False, "no progress bar"),
+    (("--no-wandb",), "log.wandb", False, "do not log to Weights & Biases"),
+    (("--wandb-project",), "log.wandb_project", str, "W&B project name"),
+    (("--wandb-mode",), "log.wandb_mode", str, "auto (online if logged in), online, offline"),
+    (("--no-plots",), "log.plots", False, "no PNG plots at the end of the run"),
     (("--seed",), "seed", int, "random seed (the same on every rank)"),
     (("--mixed-precision",), "mixed_precision", str, "no, bf16, fp16"),
     (("--fp16",), "mixed_precision", "fp16", "same as --mixed-precision fp16"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import uuid
 
 from accelerate import Accelerator
 
@@ -54,9 +55,7 @@ class Tracker:
         """Open (or, with the id of a checkpoint, continue) the W&B run."""
         if not self.wandb:
             return None
-        import wandb
-
-        self.run_id = run_id or wandb.util.generate_id()
+        self.run_id = run_id or uuid.uuid4().hex[:12]
         (self.run_dir / "wandb").mkdir(parents=True, exist_ok=True)
         self.accelerator.init_trackers(self.project, config=config, init_kwargs={"wandb": {
             "id": self.run_id, "resume": "allow", "dir": str(self.run_dir), "mode": self.mode,
@@ -81,8 +80,8 @@ class Tracker:
 
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             table = wandb.Table(data=[[n, d] for n, d in densities.items()], columns=["layer", "density"])
-            run.log({key: wandb.plot.bar(table, "layer", "density", title=f"layer densities, step {step}")},
-                    step=step)
+            run.log({key: wandb.plot.bar(table, "layer", "density", title=f"layer densities, step {step}"),
+                     **{f"density/{n}": d for n, d in densities.items()}}, step=step)
 
     def finish(self) -> None:
         if self.wandb:

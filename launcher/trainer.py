@@ -24,13 +24,21 @@ from tqdm import tqdm
 
 import models
 from data_pipelines import BatchLoader, build_loaders
-from itop_dist import Sparsifier, collectives, total_steps
+from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, total_steps
 from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer
 from launcher.config import ScheduleConfig, TrainConfig, save_config
+from launcher import plots
 from launcher.parallel import ShardedState, apply_fsdp
+from launcher.tracking import Tracker, wandb_available
 
 log = logging.getLogger("itop_dist.train")
+
+
+SHOWN = ("sparsity/density", "itop/rate", "flops/train_rel", "flops/test_rel")
+SUMMARY_NAMES = {"sparsity/density": "final_density", "itop/rate": "final_itop_rate",
+                 "flops/train_cumulative": "train_flops", "flops/train_rel": "train_flops_rel",
+                 "flops/test_rel": "test_flops_rel"}
 
 
 @dataclass
@@ -42,6 +50,7 @@ class TrainState:
     batch_in_epoch: int = 0  # data position inside the epoch
     best_acc: float = -1.0
     best_step: int = -1
+    wandb_id: str | None = None  # a resumed or requeued run continues the same W&B run
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -67,18 +76,6 @@ def lr_factor(step: int, s: ScheduleConfig, steps_per_epoch: int, total: int) ->
     return 1.0
 
 
-class MetricsFile:
-    """``metrics.jsonl`` in the run folder: one JSON object per log step and evaluation."""
-
-    def __init__(self, path: pathlib.Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -87,6 +84,7 @@ class Trainer:
             cpu=cfg.device == "cpu",
             mixed_precision=_resolve_precision(cfg),
             step_scheduler_with_optimizer=False,  # the schedule is defined per optimizer step
+            log_with="wandb" if cfg.log.wandb and wandb_available() else None,
         )
         set_seed(cfg.seed)  # the same on every rank: identical initial weights and masks
         self.loaders = build_loaders(cfg.data, seed=cfg.seed, rank=acc.process_index,
@@ -104,6 +102,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         # An Accelerate config with distributed_type FSDP asks for the same sharding; on CPUs
         # Accelerate drops it (MULTI_CPU) but its launcher still sets ACCELERATE_USE_FSDP.
+        # FLOPs per sample of every conv/linear layer, measured from one real forward pass.
+        layer_cost = layer_flops(model, torch.zeros(1, *self.loaders.input_shape))
         sharded = (cfg.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
                    or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
         self.sharded = sharded
@@ -125,17 +125,25 @@ class Trainer:
         self.sparsifier = (
             Sparsifier(self.model, optimizer, cfg.sparsity, self.total_steps) if cfg.sparse else None
         )
+        self.growth = None if not cfg.sparse else (
+            "static" if cfg.sparsity.method == "static" else cfg.sparsity.growth)
+        self.flops = FlopsCounter(
+            layer_cost, self.sparsifier.state.layer_densities() if self.sparsifier else None)
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
         if self.sparsifier is not None:
             acc.register_for_checkpointing(self.sparsifier)
         if sharded:
             acc.register_for_checkpointing(ShardedState(self.model, optimizer))
+        acc.register_for_checkpointing(self.flops)
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last)
-        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", acc.is_main_process)
+        self.tracker = Tracker(acc, self.run_dir, cfg.log.wandb, cfg.log.wandb_project, cfg.log.wandb_mode)
         if acc.is_main_process:
             save_config(cfg, self.run_dir)
         self._resume()
+        self.state.wandb_id = self.tracker.start(cfg.to_dict(), self.state.wandb_id)
+        if self.sparsifier is not None and self.state.step == 0:
+            self.tracker.log_layers(self.sparsifier.state.layer_densities(), step=0)
 
     # ------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -221,10 +229,14 @@ class Trainer:
         self.optimizer.step()
         self.state.step += 1
         # A step skipped for inf/NaN gradients (fp16) changed no weight: no mask hook.
+        report = None
         if self.sparsifier is not None and not acc.optimizer_step_was_skipped:
             report = self.sparsifier.step()  # re-mask; prune and regrow on update steps
-            if report is not None:
-                self._on_mask_update(report)
+        # This step's cost (a RigL update step needed the dense gradient), then new densities.
+        self.flops.step(None, count * acc.num_processes, self.growth, update_step=report is not None)
+        if report is not None:
+            self.flops.set_densities(report.layer_densities)
+            self._on_mask_update(report)
         self.scheduler.step()
         return loss_sum / k, correct, count
 
@@ -247,9 +259,11 @@ class Trainer:
         return bool(every) and self.state.step % every == 0
 
     def _sparse_numbers(self) -> dict:
-        if self.sparsifier is None:
-            return {"sparsity/density": 1.0}
-        return {"sparsity/density": self.sparsifier.density, "itop/rate": self.sparsifier.itop_rate}
+        """Density, ITOP rate and FLOPs relative to the dense model, for every record."""
+        numbers = {"sparsity/density": 1.0} if self.sparsifier is None else {
+            "sparsity/density": self.sparsifier.density, "itop/rate": self.sparsifier.itop_rate}
+        return {**numbers, "flops/train_cumulative": self.flops.total,
+                "flops/train_rel": self.flops.train_rel, "flops/test_rel": self.flops.test_rel}
 
     def _train_record(self, mean_loss, correct_sum, seen: int, seconds: float) -> dict:
         """Mean loss of the window (averaged over ranks), accuracy, LR, sparsity, speed."""
@@ -264,14 +278,14 @@ class Trainer:
             **self._sparse_numbers(),
             "perf/images_per_s": count / max(seconds, 1e-9),
         }
-        self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, **record})
+        self.tracker.log(record, self.state.step, self.state.epoch)
         return record
 
     def _on_mask_update(self, report) -> None:
-        self.metrics.write({"step": self.state.step, "epoch": self.state.epoch,
-                            "mask/pruned": report.pruned, "mask/regrown": report.regrown,
-                            "mask/rate": report.rate, "sparsity/density": report.density,
-                            "itop/rate": report.itop_rate})
+        self.tracker.log({"mask/pruned": report.pruned, "mask/regrown": report.regrown,
+                          "mask/rate": report.rate, "sparsity/density": report.density,
+                          "itop/rate": report.itop_rate}, self.state.step, self.state.epoch)
+        self.tracker.log_layers(report.layer_densities, self.state.step)
         log.info("%s", report)
 
     @torch.no_grad()
@@ -299,9 +313,10 @@ class Trainer:
             val_loss, val_acc = test_loss, test_acc
         record = {"val/loss": val_loss, "val/acc": val_acc, "test/loss": test_loss,
                   "test/acc": test_acc, **self._sparse_numbers()}
-        self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, **record})
+        self.tracker.log(record, self.state.step, self.state.epoch)
         self._print(f"step {self.state.step} epoch {self.state.epoch}: val acc {val_acc:.4f} "
-                    f"test acc {test_acc:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in self._sparse_numbers().items()))
+                    f"test acc {test_acc:.4f} " + " ".join(
+                        f"{k} {record[k]:.4f}" for k in SHOWN if k in record))
         self.last_eval = record
         if val_acc > self.state.best_acc:
             self.state.best_acc, self.state.best_step = val_acc, self.state.step
@@ -330,13 +345,16 @@ class Trainer:
             "selected_on": "val" if self.loaders.val is not None else "test (no validation split)",
             "world_size": self.accelerator.num_processes, "sharding": "fsdp" if self.sharded else "ddp",
             "ranks_identical": True,  # _verify_replicas raised otherwise
-            **{f"final_{k.split('/')[-1]}": v for k, v in self._sparse_numbers().items()},
+            **{SUMMARY_NAMES[k]: v for k, v in self._sparse_numbers().items()},
         }
-        self.metrics.write(summary)
+        self.tracker.log(summary, self.state.step, self.state.epoch)
         self._print("summary: " + json.dumps(summary))
+        if self.cfg.log.plots and self.accelerator.is_main_process:
+            plots.write_plots(self.run_dir / "metrics.jsonl", self.run_dir)
         return summary
 
     def close(self) -> None:
+        self.tracker.finish()
         self.accelerator.end_training()
 
 

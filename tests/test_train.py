@@ -143,7 +143,7 @@ def test_digits_quick_start_trains(tmp_path, mode, change, floor):
     assert len(evals) == 100 and all(0 <= r["val/acc"] <= 1 for r in evals)
     if mode != "dense":
         assert abs(summary["final_density"] - 0.05) < 0.001
-        assert summary["final_rate"] > 0.1  # explored at least twice the weights active at once
+        assert summary["final_itop_rate"] > 0.1  # explored at least twice the weights active at once
         updates = [r for r in records if "mask/pruned" in r]
         assert len(updates) == 44 and all(r["mask/pruned"] == r["mask/regrown"] for r in updates)
         assert [r["itop/rate"] for r in updates] == sorted(r["itop/rate"] for r in updates)
@@ -197,7 +197,7 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     wa = load_file(full / "checkpoints" / "step-00000066" / "model.safetensors")
     wb = load_file(part / "checkpoints" / "step-00000066" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert read_metrics(full)[-1]["final_rate"] == read_metrics(part)[-1]["final_rate"]
+    assert read_metrics(full)[-1]["final_itop_rate"] == read_metrics(part)[-1]["final_itop_rate"]
 
 
 def test_resume_refuses_another_sparse_setup(tmp_path):
