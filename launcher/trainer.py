@@ -30,6 +30,7 @@ from launcher.checkpoint import Checkpointer
 from launcher.config import ScheduleConfig, TrainConfig, save_config
 from launcher import plots
 from launcher.parallel import ShardedState, apply_fsdp
+from launcher.preemption import Preemption
 from launcher.tracking import Tracker, wandb_available
 
 log = logging.getLogger("itop_dist.train")
@@ -141,6 +142,7 @@ class Trainer:
         if acc.is_main_process:
             save_config(cfg, self.run_dir)
         self._resume()
+        self.preemption = Preemption(acc.device)
         self.state.wandb_id = self.tracker.start(cfg.to_dict(), self.state.wandb_id)
         if self.sparsifier is not None and self.state.step == 0:
             self.tracker.log_layers(self.sparsifier.state.layer_densities(), step=0)
@@ -198,11 +200,24 @@ class Trainer:
                         self._save(is_best)
                 elif self._save_due():
                     self._save(False)
+                if not stop and self.preemption.should_stop(st.step):
+                    return self._preempted(bar)
                 if epoch_done:
                     break
         bar.close()
         self._verify_replicas()
         return self._summary()
+
+    def _preempted(self, bar) -> dict:
+        """A stop signal: checkpoint this step on every rank, then requeue the SLURM job."""
+        bar.close()
+        self._save(False)
+        requeued = self.preemption.requeue(self.accelerator.is_main_process)
+        record = {"preempted": True, "requeued": requeued, "signal": self.preemption.received}
+        self.tracker.log(record, self.state.step, self.state.epoch)
+        self._print(f"stop signal: checkpoint at step {self.state.step} written"
+                    + ("; job requeued" if requeued else "; resume with --resume auto"))
+        return {**record, "step": self.state.step}
 
     def _train_step(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step over k micro-batches (gradient accumulation; k = 1 usually).
@@ -354,6 +369,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.preemption.close()
         self.tracker.finish()
         self.accelerator.end_training()
 

@@ -270,3 +270,33 @@ def test_bn_weight_decay_off_exempts_every_norm_layer():
     assert len(names) == sum(2 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     default = parse_config(["--model", "ResNet-18", "--data", "cifar10"])
     assert all(g["weight_decay"] == 5e-4 for g in _build_optimizer(model, default).param_groups)
+
+
+def test_stop_signal_checkpoints_then_resume_matches_uninterrupted(tmp_path):
+    """SIGUSR1 (SLURM's warning) or SIGTERM: checkpoint at the next step, exit; resume is exact."""
+    import signal
+    import time
+
+    args = ("--sparse --data digits --model digits-mlp --epochs 6 --batch-size 64 --density 0.1 "
+            "--growth random --update_frequency 10 --log-interval 5 --no-wandb --no-plots")
+    full = train(args, tmp_path, "full")
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "launcher.train", *shlex.split(args), "--output-dir", str(out),
+           "--no-progress", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    stopped = [r for r in read_metrics(out) if r.get("preempted")]
+    assert len(stopped) == 1 and stopped[0]["step"] < 132, stdout[-1000:]
+    assert not any(r.get("summary") for r in read_metrics(out))
+    assert (out / "checkpoints" / f"step-{stopped[0]['step']:08d}").is_dir()
+    train(f"{args} --resume auto", tmp_path, "stopped")
+    a = torch.load(full / "checkpoints" / "step-00000132" / "custom_checkpoint_1.pkl", weights_only=False)
+    b = torch.load(out / "checkpoints" / "step-00000132" / "custom_checkpoint_1.pkl", weights_only=False)
+    assert all(torch.equal(a["state"]["masks"][n]["bits"], b["state"]["masks"][n]["bits"]) for n in a["state"]["masks"])
+    assert read_metrics(full)[-1]["final_itop_rate"] == read_metrics(out)[-1]["final_itop_rate"]
