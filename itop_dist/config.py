@@ -22,7 +22,11 @@ class SparseConfig:
     """How the sparse network is initialised and evolved.
 
     method: registered method name (``DST`` = SET/RigL/sparse momentum by ``growth``;
-        ``static`` = fixed masks, the papers' ``--fix``).
+        ``static`` = fixed masks, the papers' ``--fix``; ``GraNet``, ``GraNet_uniform``,
+        ``GMP``, ``GMP_uniform`` prune gradually from ``density`` to ``final_density``).
+    final_density: where gradual pruning ends (None: ``density``, i.e. no pruning).
+    init_prune_epoch / final_prune_epoch: the gradual pruning window, in epochs (scaled by
+        the multiplier, as GraNet does).
     density: fraction of masked weights that are non-zero, in (0, 1].
     sparse_init: layer-density rule, ``ERK`` (default), ``ER``, ``uniform`` or ``er_itop``.
     exact_init: exactly round(d_l N_l) weights per layer (True) or a Bernoulli draw (parity).
@@ -44,6 +48,9 @@ class SparseConfig:
 
     method: str = "DST"
     density: float = 0.05
+    final_density: float | None = None
+    init_prune_epoch: float = 0.0
+    final_prune_epoch: float = 110.0
     sparse_init: str = "ERK"
     erk_power_scale: float = 1.0
     exact_init: bool = True
@@ -65,6 +72,8 @@ class SparseConfig:
     def __post_init__(self) -> None:
         if self.redistribution == "nonzero":  # the reference's registry key (spec P8)
             self.redistribution = "nonzeros"
+        if self.final_density is None:
+            self.final_density = self.density
         if self.mask_momentum is None:
             self.mask_momentum = self.growth != "momentum"
         self.exclude = tuple(self.exclude)
@@ -72,6 +81,11 @@ class SparseConfig:
             (self.method in METHODS, "--method",
              f"{self.method!r} is unknown; choose one of {sorted(METHODS)}"),
             (0.0 < self.density <= 1.0, "--density", f"{self.density} must be in (0, 1]"),
+            (0.0 < self.final_density <= self.density, "--final-density",
+             f"{self.final_density} must be in (0, --density/--init-density = {self.density}]"),
+            (0 <= self.init_prune_epoch < self.final_prune_epoch or self.final_density == self.density,
+             "--final-prune-epoch", f"{self.final_prune_epoch} must be after --init-prune-epoch "
+             f"{self.init_prune_epoch}"),
             (self.sparse_init in DENSITY_RULES, "--sparse_init",
              f"{self.sparse_init!r} is unknown; choose one of {sorted(DENSITY_RULES)}"),
             (self.erk_power_scale > 0, "--erk-power-scale", "must be > 0"),

@@ -80,9 +80,10 @@ class Method:
     needs_grads = False
     needs_momenta = False
 
-    def __init__(self, config: SparseConfig, total_steps: int) -> None:
+    def __init__(self, config: SparseConfig, total_steps: int, epoch_steps: float | None = None) -> None:
         self.config = config
         self.total_steps = total_steps
+        self.epoch_steps = epoch_steps
         self.updates = UpdateSchedule(config.update_frequency, total_steps, config.update_stop)
         self.prune_rate = PruneRateSchedule(
             config.death_rate, config.death_rate_min, total_steps, config.decay_schedule
@@ -121,8 +122,8 @@ class DynamicSparse(Method):
     """Prune and regrow at a fixed density: SET (random growth), RigL (gradient) or sparse
     momentum (momentum), with the ITOP schedules (spec 3-6)."""
 
-    def __init__(self, config: SparseConfig, total_steps: int) -> None:
-        super().__init__(config, total_steps)
+    def __init__(self, config: SparseConfig, total_steps: int, epoch_steps: float | None = None) -> None:
+        super().__init__(config, total_steps, epoch_steps)
         self.needs_grads = config.growth == "gradient"
         self.needs_momenta = config.growth == "momentum"
 
@@ -181,3 +182,142 @@ def prune_and_regrow(
         new_masks[name] = pruned_masks[name] | grown
         grown_masks[name] = grown
     return UpdateResult(new_masks, grown_masks, rate, pruned=removed, regrown=dict(grow_counts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense-to-sparse: gradual magnitude pruning (GMP) and GraNet (spec section 9)
+
+
+def cubic_density(c: int, c0: int, c1: int, d_init: float, d_final: float) -> float:
+    """Zhu & Gupta's cubic schedule as a density, at prune iteration ``c`` (spec 9.1):
+    d_f + (d_i - d_f) (1 - (c - c0) / (c1 - c0))^3, from d_i at c0 to exactly d_f at c1."""
+    x = min(max((c - c0) / max(c1 - c0, 1), 0.0), 1.0)
+    return d_final + (d_init - d_final) * (1.0 - x) ** 3
+
+
+def global_magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                           keep: int) -> dict[str, torch.Tensor]:
+    """Keep exactly ``keep`` active weights of largest |W| over all layers together (ties by
+    position). Never activates a weight; unlike the reference's |W| >= tau (spec P11) an
+    all-zero or already-sparse network cannot turn dense."""
+    names = list(masks)
+    scores = torch.cat([torch.where(masks[n], weights[n].detach().abs().float(), -1.0).reshape(-1)
+                        for n in names])
+    keep = min(keep, int(sum(int(m.sum()) for m in masks.values())))
+    chosen = topology.select_k(scores, keep)
+    sizes = [masks[n].numel() for n in names]
+    return {n: c.reshape(masks[n].shape) for n, c in zip(names, torch.split(chosen, sizes))}
+
+
+def uniform_magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                            density: float) -> dict[str, torch.Tensor]:
+    """Layer-wise gradual pruning (spec 9.3): every layer keeps int(N_l d) largest |W|; once
+    the sparsity reaches 0.8 the classifier (the last masked layer) keeps density 0.2 and the
+    other layers share the rest. The totals come from the masks themselves (the reference
+    needed ERK's bookkeeping and divided by zero without it, P18)."""
+    names = list(masks)
+    numel = {n: masks[n].numel() for n in names}
+    per_layer = {n: density for n in names}
+    if 1 - density >= 0.8 and len(names) > 1:
+        fc = names[-1]
+        total, p_fc = sum(numel.values()), numel[fc]
+        rest = (total * density - 0.2 * p_fc) / (total - p_fc)
+        per_layer = {n: (0.2 if n == fc else max(rest, 0.0)) for n in names}
+    out = {}
+    for n in names:
+        scores = torch.where(masks[n], weights[n].detach().abs().float(), -1.0)
+        out[n] = topology.select_k(scores, min(int(numel[n] * per_layer[n]), int(masks[n].sum())))
+    return out
+
+
+class GradualPruning(Method):
+    """Prune from ``density`` to ``final_density`` on the cubic schedule over the window
+    [init_prune_epoch, final_prune_epoch] (x the multiplier), at every ``update_frequency``
+    steps; global magnitude (``global_``) or layer-wise; with zero-cost neuroregeneration
+    (``regrow``: prune by magnitude and regrow by ``growth`` the same count, at every update
+    from the window's start on, also after it) for GraNet.
+
+    The last prune of the window reaches ``final_density`` exactly (the reference's window
+    stops one prune iteration early, at d_f + (d_i - d_f) / n^3).
+    """
+
+    global_ = True
+    regrow = True
+    dense_start = False
+
+    def __init__(self, config: SparseConfig, total_steps: int, epoch_steps: float | None = None) -> None:
+        super().__init__(config, total_steps, epoch_steps)
+        if epoch_steps is None:
+            raise ValueError(f"--method {config.method} needs the number of steps per epoch")
+        k = config.update_frequency or 1
+        self.k = k
+        self.c0 = math.floor(config.init_prune_epoch * epoch_steps / k)
+        self.c1 = math.floor(config.final_prune_epoch * epoch_steps / k)
+        self.needs_grads = self.regrow and config.growth == "gradient"
+        self.needs_momenta = self.regrow and config.growth == "momentum"
+
+    def initial_masks(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        if self.dense_start:  # GMP starts from the dense network whatever --sparse-init says
+            return {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
+        return super().initial_masks(shapes)
+
+    def target_density(self, step: int) -> float | None:
+        """The scheduled density at an update step inside the window, else None."""
+        c = step // self.k
+        if self.c0 <= c <= self.c1:
+            start = 1.0 if self.dense_start else self.config.density
+            return cubic_density(c, self.c0, self.c1, start, self.config.final_density)
+        return None
+
+    def is_update_step(self, step: int) -> bool:
+        if step <= 0 or step % self.k or step // self.k < self.c0:
+            return False
+        return self.regrow or step // self.k <= self.c1
+
+    def update(self, inputs: UpdateInputs) -> UpdateResult:
+        c = self.config
+        masks = dict(inputs.masks)
+        before = {n: int(m.sum()) for n, m in masks.items()}
+        density = self.target_density(inputs.step)
+        if density is not None:
+            total = sum(m.numel() for m in masks.values())
+            masks = (global_magnitude_masks(inputs.weights, masks, round(total * density)) if self.global_
+                     else uniform_magnitude_masks(inputs.weights, masks, density))
+        pruned = {n: before[n] - int(m.sum()) for n, m in masks.items()}
+        rate = self.prune_rate(inputs.step)
+        if not self.regrow:
+            return UpdateResult(masks, {n: torch.zeros_like(m) for n, m in masks.items()}, rate,
+                                pruned=pruned, regrown={n: 0 for n in masks})
+        inputs = UpdateInputs(inputs.weights, masks, inputs.grads, inputs.momenta, inputs.step,
+                              inputs.update_index)
+        result = prune_and_regrow(inputs, rate, "magnitude", c.growth, "none", c.threshold, c.seed)
+        result.pruned = {n: pruned[n] + result.pruned[n] for n in masks}
+        return result
+
+
+@register_method("GraNet")
+class GraNet(GradualPruning):
+    """Global gradual magnitude pruning, then zero-cost neuroregeneration (Liu et al. 2021)."""
+
+
+@register_method("GraNet_uniform")
+class GraNetUniform(GradualPruning):
+    """Layer-wise gradual pruning, then zero-cost neuroregeneration."""
+
+    global_ = False
+
+
+@register_method("GMP")
+class GMP(GradualPruning):
+    """Gradual magnitude pruning (Zhu & Gupta 2017) from the dense network, global."""
+
+    regrow = False
+    dense_start = True
+
+
+@register_method("GMP_uniform")
+class GMPUniform(GradualPruning):
+    """Gradual magnitude pruning, layer-wise, from the --sparse-init masks at --density."""
+
+    regrow = False
+    global_ = False

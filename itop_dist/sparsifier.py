@@ -110,6 +110,8 @@ class Sparsifier:
         weights are masked. optimizer: its SGD momentum buffers are masked too.
     total_steps: the run's length in optimizer steps (schedules.total_steps), which the
         prune-rate cosine and the update stop are relative to.
+    epoch_steps: optimizer steps per epoch x the multiplier; gradual pruning (GraNet, GMP)
+        places its window in epochs with it.
     """
 
     def __init__(
@@ -118,13 +120,14 @@ class Sparsifier:
         optimizer: torch.optim.Optimizer | None,
         config: SparseConfig,
         total_steps: int,
+        epoch_steps: float | None = None,
         group=None,
     ) -> None:
         self.config = config
         self.optimizer = optimizer
         self.group = group
         self.params = maskable_parameters(model, config.exclude)
-        self.method: Method = METHODS[config.method](config, total_steps)
+        self.method: Method = METHODS[config.method](config, total_steps, epoch_steps)
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         masks = self.method.initial_masks(self.shapes) if collectives.is_rank0(group) else None
         masks = collectives.broadcast_masks(masks, self.shapes, group)
@@ -219,7 +222,7 @@ class Sparsifier:
     def load_state_dict(self, sd: dict) -> None:
         """Restore masks, explored union and counters; refuse a different sparse set-up."""
         ours, theirs = self.config.to_dict(), sd.get("config", {})
-        for key in ("method", "density", "sparse_init", "growth", "death", "exclude"):
+        for key in ("method", "density", "final_density", "sparse_init", "growth", "death", "exclude"):
             a, b = theirs.get(key), ours.get(key)
             if key == "exclude":
                 a, b = tuple(a or ()), tuple(b or ())

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 META = "meta.json"
 # The settings a checkpoint can only be resumed with (the rest may change, e.g. --max-steps).
 IDENTITY_KEYS = ("model.name", "data.name", "sparse", "sparsity.method", "sparsity.density",
+                 "sparsity.final_density",
                  "sparsity.sparse_init", "sparsity.growth", "sparsity.death")
 
 

@@ -124,10 +124,13 @@ class Trainer:
         else:
             self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.sparsifier = (
-            Sparsifier(self.model, optimizer, cfg.sparsity, self.total_steps) if cfg.sparse else None
+            Sparsifier(self.model, optimizer, cfg.sparsity, self.total_steps,
+                       epoch_steps=self.steps_per_epoch * cfg.schedule.multiplier)
+            if cfg.sparse else None
         )
+        # What a step costs (flops.step_flops): masks only, or a dense gradient at updates.
         self.growth = None if not cfg.sparse else (
-            "static" if cfg.sparsity.method == "static" else cfg.sparsity.growth)
+            "static" if cfg.sparsity.method in ("static", "GMP", "GMP_uniform") else cfg.sparsity.growth)
         self.flops = FlopsCounter(
             layer_cost, self.sparsifier.state.layer_densities() if self.sparsifier else None)
         self.state = TrainState()
