@@ -251,7 +251,8 @@ class GradualPruning(Method):
             raise ValueError(f"--method {config.method} needs the number of steps per epoch")
         k = config.update_frequency or 1
         self.k = k
-        self.c0 = math.floor(config.init_prune_epoch * epoch_steps / k)
+        self.start_step = config.init_prune_epoch * epoch_steps
+        self.c0 = math.floor(self.start_step / k)
         self.c1 = math.floor(config.final_prune_epoch * epoch_steps / k)
         self.needs_grads = self.regrow and config.growth == "gradient"
         self.needs_momenta = self.regrow and config.growth == "momentum"
@@ -270,7 +271,7 @@ class GradualPruning(Method):
         return None
 
     def is_update_step(self, step: int) -> bool:
-        if step <= 0 or step % self.k or step // self.k < self.c0:
+        if step <= 0 or step % self.k or step < self.start_step:
             return False
         return self.regrow or step // self.k <= self.c1
 

@@ -138,3 +138,12 @@ def test_accelerate_config_files(tmp_path):
     r0, r1 = ranks(out)
     assert r0["summary"]["sharding"] == "fsdp" and r0["shards"]["fc2.weight"] == (32768, 65536)
     assert_identical(r0, r1)
+
+
+def test_granet_two_processes_identical_masks(tmp_path):
+    launch(tmp_path, "--method GraNet --init-density 0.5 --final-density 0.1 --init-prune-epoch 0 "
+                     "--final-prune-epoch 2 --growth gradient --sharding fsdp")
+    r0, r1 = ranks(tmp_path)
+    assert_identical(r0, r1)
+    nnz = sum(int(m.sum()) for m in r0["masks"].values())
+    assert nnz == round(0.1 * sum(m.numel() for m in r0["masks"].values()))
