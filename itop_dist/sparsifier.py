@@ -28,7 +28,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from itop_dist import collectives
 from itop_dist.config import SparseConfig
-from itop_dist.methods import METHODS, Method, UpdateInputs
+from itop_dist.methods import METHODS, Method, UpdateInputs, prune_and_regrow
 from itop_dist.state import SparseState
 
 log = logging.getLogger("itop_dist")
@@ -129,6 +129,7 @@ class Sparsifier:
         self.params = maskable_parameters(model, config.exclude)
         self.method: Method = METHODS[config.method](config, total_steps, epoch_steps)
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        self.update_until = int(config.update_stop * total_steps)  # no updates after this step
         masks = self.method.initial_masks(self.shapes) if collectives.is_rank0(group) else None
         masks = collectives.broadcast_masks(masks, self.shapes, group)
         self.state = SparseState({n: m.to(self.params[n].device) for n, m in masks.items()})
@@ -142,7 +143,7 @@ class Sparsifier:
         Returns what the update did, or None when this was not an update step."""
         self.apply_masks()
         self.state.step += 1
-        if self.method.is_update_step(self.state.step):
+        if self.state.step <= self.update_until and self.method.is_update_step(self.state.step):
             return self.update()
         return None
 
@@ -158,18 +159,21 @@ class Sparsifier:
                     _local(buf).mul_(mult)
 
     @torch.no_grad()
-    def update(self) -> UpdateReport:
+    def update(self, rate: float | None = None) -> UpdateReport:
         """One mask update: check, gather, decide on rank 0, broadcast, apply, check.
 
         The first check proves every rank trained the same connectivity since the last update
-        (a mask changed on one rank only is caught here, before it can be overwritten)."""
+        (a mask changed on one rank only is caught here, before it can be overwritten).
+        ``rate``: instead of the method's own update, one magnitude-prune / gradient-regrow
+        update at this rate (Sup-tickets' re-explore at the start of each cycle)."""
         collectives.check_masks(self.state.masks, self.group)
         on_rank0 = collectives.is_rank0(self.group)
+        needs_grads = self.method.needs_grads or rate is not None
         weights = {n: full_tensor(p) for n, p in self.params.items()}
-        grads = {n: full_tensor(p.grad) if self.method.needs_grads else None for n, p in self.params.items()}
+        grads = {n: full_tensor(p.grad) if needs_grads else None for n, p in self.params.items()}
         momenta = {n: full_tensor(self._momentum_score(p)) if self.method.needs_momenta else None
                    for n, p in self.params.items()}
-        if self.method.needs_grads and any(g is None for g in grads.values()):
+        if needs_grads and any(g is None for g in grads.values()):
             raise RuntimeError(
                 "gradient growth needs the gradients at the update: call sparsifier.step() after "
                 "optimizer.step() and before optimizer.zero_grad()"
@@ -178,7 +182,8 @@ class Sparsifier:
         if on_rank0:
             inputs = UpdateInputs(weights, dict(self.state.masks), grads, momenta,
                                   self.state.step, self.state.updates + 1)
-            result = self.method.update(inputs)
+            result = (self.method.update(inputs) if rate is None else
+                      prune_and_regrow(inputs, rate, "magnitude", "gradient", seed=self.config.seed))
         new = collectives.broadcast_masks(result.masks if result else None, self.shapes, self.group)
         new = {n: m.to(self.state.masks[n].device) for n, m in new.items()}
         if self.config.regrow_reinit_zero:
