@@ -131,6 +131,43 @@ class LogConfig:
 
 
 @dataclass
+class TicketsConfig:
+    """Sup-tickets (``--pre_train --cyclic_train``; spec section 10, launcher/suptickets.py).
+
+    cycle: epochs per cycle; cycle_rate: fraction of the epochs for the cyclic phase (rounded
+    down to whole cycles), or cyclic_epochs directly (ImageNet's --cyclic_epochs).
+    cyc_lr: triangular LR lr_1 -> lr_2 -> lr_1 in each cycle (else the LR stays where the
+    pre-train phase left it). re_explore: one prune-and-regrow at large_death_rate at the
+    start of each cycle. no_mask_updates: no other mask updates in the cyclic phase.
+    update_bn: recalibrate BN statistics of each superposed model on the training data.
+    superposing: CAA (running equal-weight average) or CIMA (constant factor cima_factor).
+    """
+
+    enabled: bool = False
+    cycle: int = 4
+    cycle_rate: float = 0.1
+    cyclic_epochs: int | None = None
+    cyc_lr: bool = False
+    lr_1: float = 0.05
+    lr_2: float = 0.0001
+    re_explore: bool = False
+    large_death_rate: float = 0.8
+    no_mask_updates: bool = False
+    update_bn: bool = False
+    superposing: str = "CAA"
+    cima_factor: float = 0.5
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.cycle >= 1, "--cycle", "must be >= 1")
+        _check(0 <= self.cycle_rate < 1, "--cycle_rate", "must be in [0, 1)")
+        _check(self.superposing in ("CAA", "CIMA"), "--superposing_method",
+               f"{self.superposing!r}: choose CAA or CIMA")
+        _check(0 < self.cima_factor <= 1, "--CIMA_factor", "must be in (0, 1]")
+        _check(0 < self.large_death_rate <= 1, "--large-death-rate", "must be in (0, 1]")
+
+
+@dataclass
 class TrainConfig:
     """The whole run. ``sparse`` False trains the dense model (the papers' default)."""
 
@@ -142,6 +179,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
     seed: int = 17
     mixed_precision: str = "no"
     device: str = "auto"
@@ -155,6 +193,7 @@ class TrainConfig:
         _check(self.sharding in ("ddp", "fsdp"), "--sharding", f"{self.sharding!r}: choose ddp or fsdp")
         _check(not (self.sharding == "fsdp" and self.mixed_precision == "fp16"), "--mixed-precision",
                "fp16 with --sharding fsdp is not supported; use bf16")
+        _check(not self.tickets.enabled or self.sparse, "--cyclic_train", "Sup-tickets needs --sparse")
         if self.data.name != "synthetic":
             fits = models.model_datasets(self.model.name)  # raises for an unknown --model
             _check(self.data.name in fits, "--data",
@@ -311,6 +350,20 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--wandb-mode",), "log.wandb_mode", str, "auto (online if logged in), online, offline"),
     (("--no-plots",), "log.plots", False, "no PNG plots at the end of the run"),
     (("--seed",), "seed", int, "random seed (the same on every rank)"),
+    (("--pre_train", "--cyclic_train"), "tickets.enabled", True, "Sup-tickets: pre-train, then cycles"),
+    (("--cycle",), "tickets.cycle", int, "epochs per Sup-tickets cycle"),
+    (("--cycle_rate",), "tickets.cycle_rate", float, "fraction of epochs in the cyclic phase"),
+    (("--cyclic_epochs",), "tickets.cyclic_epochs", int, "epochs of the cyclic phase (ImageNet)"),
+    (("--cyc_lr",), "tickets.cyc_lr", True, "triangular LR in each cycle"),
+    (("--lr_1",), "tickets.lr_1", float, "cyclic LR at the ends of a cycle"),
+    (("--lr_2",), "tickets.lr_2", float, "cyclic LR in the middle of a cycle"),
+    (("--re_explore",), "tickets.re_explore", True, "prune and regrow at the start of each cycle"),
+    (("--large-death-rate",), "tickets.large_death_rate", float, "rate of the re-explore update"),
+    (("--no_maskupdates",), "tickets.no_mask_updates", True, "no mask updates in the cyclic phase"),
+    (("--update_bn", "--bn_update"), "tickets.update_bn", True, "recalibrate BN of superposed models"),
+    (("--superposing_method",), "tickets.superposing", str, "CAA or CIMA"),
+    (("--CIMA_factor",), "tickets.cima_factor", float, "CIMA's superposition factor"),
+    (("--indicate_method",), "tickets.label", str, "a label for the run (Sup-tickets' scripts)"),
     (("--mixed-precision",), "mixed_precision", str, "no, bf16, fp16"),
     (("--fp16",), "mixed_precision", "fp16", "same as --mixed-precision fp16"),
     (("--device",), "device", str, "auto, cpu or cuda"),

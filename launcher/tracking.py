@@ -10,6 +10,7 @@ The W&B run id is kept in the checkpoint, so a resumed or requeued run continues
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import pathlib
 import uuid
@@ -26,16 +27,18 @@ def wandb_available() -> bool:
 
 
 def wandb_mode(requested: str) -> str:
-    """``auto``: online when logged in (an API key is configured), else offline."""
+    """``auto``: online when logged in (an API key in WANDB_API_KEY or in the netrc file that
+    ``wandb login`` writes), else offline. Looks at no network."""
     if requested != "auto":
         return requested
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
     try:
-        import wandb
-
-        return "online" if wandb.api.api_key else "offline"
-    except Exception:  # noqa: BLE001 - no settings, no key: stay offline
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1]
+        return "online" if netrc.netrc().authenticators(host) else "offline"
+    except (OSError, netrc.NetrcParseError):  # no netrc: not logged in
         return "offline"
 
 
@@ -48,7 +51,8 @@ class Tracker:
         self.path = run_dir / "metrics.jsonl"
         self.main = accelerator.is_main_process
         self.wandb = enabled and wandb_available()
-        self.run_dir, self.project, self.mode = run_dir, project, wandb_mode(mode)
+        self.run_dir, self.project = run_dir, project
+        self.mode = wandb_mode(mode) if self.wandb else "disabled"
         self.run_id: str | None = None
 
     def start(self, config: dict, run_id: str | None) -> str | None:

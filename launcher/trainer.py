@@ -9,6 +9,7 @@ LR step, log, evaluate, checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -29,8 +30,9 @@ from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer
 from launcher.config import ScheduleConfig, TrainConfig, save_config
 from launcher import plots
-from launcher.parallel import ShardedState, apply_fsdp
+from launcher.parallel import ShardedState, apply_fsdp, full_state_dict
 from launcher.preemption import Preemption
+from launcher.suptickets import SuperTickets, cyclic_lr, phases, recalibrate_bn
 from launcher.tracking import Tracker, wandb_available
 
 log = logging.getLogger("itop_dist.train")
@@ -96,15 +98,18 @@ class Trainer:
                                         num_classes=self.loaders.num_classes, **kwargs)
         else:
             model = models.create_model(cfg.model.name, cfg.data.name, **kwargs)
+        self._new_model = lambda: models.create_model(  # a fresh copy (superposed models)
+            cfg.model.name, cfg.data.name if cfg.data.name != "synthetic" else _closest_dataset(cfg.model.name),
+            num_classes=self.loaders.num_classes, **kwargs)
         self.channels_last = cfg.model.channels_last
         if self.channels_last is None:
             self.channels_last = acc.device.type == "cuda" and len(self.loaders.input_shape) == 3
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        # An Accelerate config with distributed_type FSDP asks for the same sharding; on CPUs
-        # Accelerate drops it (MULTI_CPU) but its launcher still sets ACCELERATE_USE_FSDP.
         # FLOPs per sample of every conv/linear layer, measured from one real forward pass.
         layer_cost = layer_flops(model, torch.zeros(1, *self.loaders.input_shape))
+        # An Accelerate config with distributed_type FSDP asks for the same sharding; on CPUs
+        # Accelerate drops it (MULTI_CPU) but its launcher still sets ACCELERATE_USE_FSDP.
         sharded = (cfg.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
                    or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
         self.sharded = sharded
@@ -116,18 +121,27 @@ class Trainer:
             raise ValueError(f"--grad-accum-steps {cfg.optim.accumulate}: more than the "
                              f"{len(self.loaders.train)} batches per epoch of each process")
         self.total_steps = total_steps(self.steps_per_epoch, cfg.schedule.epochs, cfg.schedule.multiplier)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, cfg.schedule, self.steps_per_epoch, self.total_steps))
+        t = cfg.tickets
+        epochs = round(cfg.schedule.epochs * cfg.schedule.multiplier)
+        self.pretrain_epochs, cyclic = (phases(epochs, t.cycle, t.cycle_rate, t.cyclic_epochs)
+                                        if t.enabled else (epochs, 0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         if sharded:  # FSDP2 owns the model and optimizer state; Accelerate the rest
             self.model, self.optimizer = model, optimizer
             self.scheduler = acc.prepare(scheduler)
         else:
             self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        sparsity = cfg.sparsity
+        if t.enabled and t.no_mask_updates:  # masks change only by re-explore in the cycles
+            sparsity = dataclasses.replace(sparsity, update_stop=self.pretrain_epochs / epochs)
         self.sparsifier = (
-            Sparsifier(self.model, optimizer, cfg.sparsity, self.total_steps,
+            Sparsifier(self.model, optimizer, sparsity, self.total_steps,
                        epoch_steps=self.steps_per_epoch * cfg.schedule.multiplier)
             if cfg.sparse else None
         )
+        self.tickets = (SuperTickets(t.superposing, t.cima_factor, cfg.sparsity.final_density,
+                                     list(self.sparsifier.masks), self.run_dir / "supertickets")
+                        if t.enabled and cyclic else None)
         # What a step costs (flops.step_flops): masks only, or a dense gradient at updates.
         self.growth = None if not cfg.sparse else (
             "static" if cfg.sparsity.method in ("static", "GMP", "GMP_uniform") else cfg.sparsity.growth)
@@ -140,6 +154,8 @@ class Trainer:
         if sharded:
             acc.register_for_checkpointing(ShardedState(self.model, optimizer))
         acc.register_for_checkpointing(self.flops)
+        if self.tickets is not None:
+            acc.register_for_checkpointing(self.tickets)
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last)
         self.tracker = Tracker(acc, self.run_dir, cfg.log.wandb, cfg.log.wandb_project, cfg.log.wandb_mode)
         if acc.is_main_process:
@@ -151,6 +167,69 @@ class Trainer:
             self.tracker.log_layers(self.sparsifier.state.layer_densities(), step=0)
 
     # ------------------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        """The recipe's LR schedule; with Sup-tickets, over the pre-train epochs, then the
+        cyclic triangle (or the LR the pre-train phase ended with)."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        if not self.cfg.tickets.enabled:
+            return lr_factor(step, cfg.schedule, spe, self.total_steps)
+        pre = dataclasses.replace(cfg.schedule, epochs=self.pretrain_epochs, multiplier=1.0)
+        start = self.pretrain_epochs * spe
+        if step < start:
+            return lr_factor(step, pre, spe, start)
+        t = cfg.tickets
+        if not t.cyc_lr:
+            return lr_factor(start - 1, pre, spe, start)
+        local = step - start
+        position = ((local // spe) % t.cycle + (local % spe) / spe) / t.cycle
+        return cyclic_lr(position, t.lr_1, t.lr_2) / cfg.optim.lr
+
+    def _tickets_epoch_end(self) -> None:
+        """Sup-tickets at the end of an epoch: keep S_0, superpose a finished cycle's ticket,
+        re-explore at the start of the next cycle (with this epoch's last gradient)."""
+        t, done, pre = self.cfg.tickets, self.state.epoch, self.pretrain_epochs
+        last = round(self.cfg.schedule.epochs * self.cfg.schedule.multiplier)
+        if done == pre:
+            self.tickets.start(self._full_state())
+        if done > pre and (done - pre) % t.cycle == 0:
+            self._superpose()
+        if t.re_explore and pre <= done < last and (done - pre) % t.cycle == 0:
+            report = self.sparsifier.update(rate=t.large_death_rate)
+            self.flops.set_densities(report.layer_densities)
+            self._on_mask_update(report)
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        """The training model's full (unsharded, unwrapped) state dict, on every rank."""
+        if self.sharded:
+            return full_state_dict(self.model)
+        return self.accelerator.unwrap_model(self.model).state_dict()
+
+    def _superpose(self) -> None:
+        """Superpose this ticket, cut to the final density, recalibrate BN, evaluate, save."""
+        acc = self.accelerator
+        state = self.tickets.add(self._full_state())
+        with torch.random.fork_rng(devices=[]):  # building the copy must not move the run's RNG
+            model = self._new_model()
+        model.load_state_dict(state)
+        model.to(acc.device)
+        if self.cfg.tickets.update_bn:
+            self.loaders.train.set_epoch(self.state.epoch)
+            batches = (self._to_device(x, y) for x, y in self.loaders.train)
+            seen = recalibrate_bn(model, batches, lambda v: acc.reduce(v, reduction="mean"))
+            self.flops.count_forward(seen * acc.num_processes)
+            self.tickets.set_current(model.state_dict())
+        loss, accuracy = self._eval_split(self.loaders.test, model)
+        masked = [state[n] for n in self.tickets.masked]
+        record = {"supertickets/acc": accuracy, "supertickets/loss": loss,
+                  "supertickets/density": sum(int((w != 0).sum()) for w in masked) / sum(w.numel() for w in masked),
+                  "supertickets/ticket": self.tickets.index}
+        self.tracker.log(record, self.state.step, self.state.epoch)
+        self.last_superposed = record
+        if acc.is_main_process:
+            self.tickets.save(model.state_dict())
+        self._print(f"superposed model {self.tickets.index}: test acc {accuracy:.4f}, "
+                    f"density {record['supertickets/density']:.4f}")
+
     def _resume(self) -> None:
         path = self.checkpointer.resolve(self.cfg.checkpoint.resume)
         if path is None:
@@ -199,6 +278,8 @@ class Trainer:
                 stop = st.step >= last_step
                 if epoch_done or stop or (cfg.schedule.eval_every and st.step % cfg.schedule.eval_every == 0):
                     is_best = self._evaluate()
+                    if epoch_done and self.tickets is not None:
+                        self._tickets_epoch_end()
                     if epoch_done or stop or self._save_due():
                         self._save(is_best)
                 elif self._save_due():
@@ -307,18 +388,20 @@ class Trainer:
         log.info("%s", report)
 
     @torch.no_grad()
-    def _eval_split(self, loader: BatchLoader) -> tuple[float, float]:
-        """(loss, accuracy) over the whole split, summed across ranks (no sample twice)."""
-        self.model.eval()
+    def _eval_split(self, loader: BatchLoader, model: torch.nn.Module | None = None) -> tuple[float, float]:
+        """(loss, accuracy) of ``model`` (the trained one by default) over the whole split,
+        summed across ranks (no sample twice)."""
+        model = model or self.model
+        model.eval()
         totals = torch.zeros(3, device=self.accelerator.device)
         loader.set_epoch(0)
         for x, y in loader:
             x, y = self._to_device(x, y)
-            logits = self.model(x)
+            logits = model(x)
             totals[0] += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += y.numel()
-        self.model.train()
+        self.model.train()  # the trained model goes back to training either way
         loss, correct, count = self.accelerator.reduce(totals, reduction="sum").tolist()
         return loss / count, correct / count
 
@@ -365,6 +448,12 @@ class Trainer:
             "ranks_identical": True,  # _verify_replicas raised otherwise
             **{SUMMARY_NAMES[k]: v for k, v in self._sparse_numbers().items()},
         }
+        if self.tickets is not None and getattr(self, "last_superposed", None):
+            # The run's result is the last superposed model; the ticket's own accuracy beside it.
+            summary.update({"result": f"superposed model {self.tickets.index} (Sup-tickets)",
+                            "superposed_test_acc": self.last_superposed["supertickets/acc"],
+                            "superposed_density": self.last_superposed["supertickets/density"],
+                            "last_ticket_test_acc": summary["final_test_acc"]})
         self.tracker.log(summary, self.state.step, self.state.epoch)
         self._print("summary: " + json.dumps(summary))
         if self.cfg.log.plots and self.accelerator.is_main_process:

@@ -18,18 +18,21 @@ class MLP(nn.Module):
     Input ``(B, *shape)`` with ``prod(shape) == widths[0]``; output logits ``(B, widths[-1])``.
     """
 
-    def __init__(self, widths: Sequence[int]) -> None:
+    def __init__(self, widths: Sequence[int], batch_norm: bool = False) -> None:
         super().__init__()
         self.num_layers = len(widths) - 1
+        self.batch_norm = batch_norm
         for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
             self.add_module(f"fc{i}", nn.Linear(fan_in, fan_out))
+            if batch_norm and i < self.num_layers:
+                self.add_module(f"bn{i}", nn.BatchNorm1d(fan_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         for i in range(1, self.num_layers + 1):
             x = getattr(self, f"fc{i}")(x)
             if i < self.num_layers:
-                x = F.relu(x)
+                x = F.relu(getattr(self, f"bn{i}")(x) if self.batch_norm else x)
         return x
 
 
@@ -75,3 +78,9 @@ def mlp_cifar10(num_classes: int) -> nn.Module:
 def digits_mlp(num_classes: int) -> nn.Module:
     """FC 64-256-256-c for scikit-learn's 8x8 digits: small enough to train on 2 CPU cores."""
     return MLP([8 * 8, 256, 256, num_classes])
+
+
+@register_model("digits-mlp-bn", datasets=("digits",))
+def digits_mlp_bn(num_classes: int) -> nn.Module:
+    """digits-mlp with BatchNorm1d after each hidden layer (for BN-recalibration tests)."""
+    return MLP([8 * 8, 256, 256, num_classes], batch_norm=True)

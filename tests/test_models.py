@@ -39,6 +39,8 @@ SPEC_COUNTS: dict[str, dict[int, tuple[int, int]]] = {
     "resnet18": {1000: (11_689_512, 11_678_912)},
     # Not in the spec: FC 64-256-256-10 with biases, counted by hand.
     "digits-mlp": {10: (64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10, 64 * 256 + 256 * 256 + 2560)},
+    "digits-mlp-bn": {10: (64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10 + 4 * 256,
+                           64 * 256 + 256 * 256 + 2560)},
 }
 
 # Classifier input width and bias, to derive counts the spec gives only for 10 classes:
@@ -72,6 +74,7 @@ EXPECTED_FITS: dict[str, tuple[str, ...]] = {
     "resnet50": ("imagenet",),
     "resnet18": ("imagenet",),
     "digits-mlp": ("digits",),
+    "digits-mlp-bn": ("digits",),
 }
 
 

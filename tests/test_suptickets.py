@@ -1,0 +1,96 @@
+"""Sup-tickets: phases, the cyclic LR, superposition (CAA, CIMA), the final-density cut, BN
+recalibration, and exact resume inside the cyclic phase."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import models
+from data_pipelines import DataConfig, build_loaders
+from launcher.suptickets import cut_to_density, cyclic_lr, phases, superpose
+from test_train import read_metrics, train
+
+# GraNet pre-training for 12 epochs (pruning 0.5 -> 0.05 by epoch 6), then 2 cycles of 2
+# epochs: 2 tickets, 2 superposed models.
+ARGS = ("--sparse --method GraNet --data digits --model digits-mlp-bn --init-density 0.5 "
+        "--final-density 0.05 --final-prune-epoch 6 --growth gradient --epochs 16 --batch-size 64 "
+        "--lr 0.05 --update_frequency 20 --pre_train --cyclic_train --cycle 2 --cycle_rate 0.25 "
+        "--cyc_lr --lr_1 0.01 --lr_2 0.05 --re_explore --large-death-rate 0.5 --no_maskupdates "
+        "--update_bn --no-wandb")
+
+
+def test_phase_split_matches_the_spec():
+    assert phases(250, 8, 0.1) == (226, 24)  # the README's CIFAR runs: 3 tickets
+    assert phases(100, 2, 0.0, cyclic_epochs=8) == (92, 8)  # ImageNet: --cyclic_epochs 8
+    assert phases(20, 8, 0.1) == (20, 0)  # fewer cyclic epochs than a cycle: no cyclic phase
+
+
+def test_cyclic_lr_is_a_low_high_low_triangle():
+    assert cyclic_lr(0.0, 0.001, 0.005) == pytest.approx(0.001)
+    assert cyclic_lr(0.25, 0.001, 0.005) == pytest.approx(0.003)
+    assert cyclic_lr(0.5, 0.001, 0.005) == pytest.approx(0.005)
+    assert cyclic_lr(0.75, 0.001, 0.005) == pytest.approx(0.003)
+
+
+def test_superposition_and_cut():
+    s0 = {"w": torch.tensor([1.0, 0.0, 3.0, 0.0]), "n": torch.tensor(5)}
+    t1 = {"w": torch.tensor([3.0, 2.0, 0.0, 0.0]), "n": torch.tensor(9)}
+    caa = superpose(s0, t1, 1 / 2)
+    assert torch.equal(caa["w"], torch.tensor([2.0, 1.0, 1.5, 0.0])) and int(caa["n"]) == 9
+    cut = cut_to_density(caa, ["w"], 0.5)
+    assert torch.equal(cut["w"], torch.tensor([2.0, 0.0, 1.5, 0.0]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sup")
+    return {m: train(f"{ARGS} --superposing_method {m}", root, m) for m in ("CAA", "CIMA")}
+
+
+@pytest.mark.parametrize("method", ["CAA", "CIMA"])
+def test_two_cycles_give_two_superposed_models_at_the_final_density(runs, method):
+    run = runs[method]
+    records = read_metrics(run)
+    supers = [r for r in records if "supertickets/acc" in r]
+    assert [r["supertickets/ticket"] for r in supers] == [1, 2]
+    assert all(r["supertickets/density"] == pytest.approx(0.05, abs=1e-4) for r in supers)
+    summary = records[-1]
+    assert summary["result"] == "superposed model 2 (Sup-tickets)"
+    assert summary["superposed_test_acc"] == supers[-1]["supertickets/acc"] >= 0.9
+    assert "last_ticket_test_acc" in summary
+    files = sorted(p.name for p in (run / "supertickets").iterdir())
+    assert files == ["superposed-1.safetensors", "superposed-2.safetensors"]
+    updates = [r for r in records if "mask/pruned" in r and r["step"] >= 12 * 22]
+    assert [r["step"] for r in updates] == [264, 308]  # only the re-explore starting each cycle
+
+
+def test_caa_and_cima_differ(runs):
+    a = load_file(runs["CAA"] / "supertickets" / "superposed-2.safetensors")
+    b = load_file(runs["CIMA"] / "supertickets" / "superposed-2.safetensors")
+    assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
+
+
+def test_batch_norm_statistics_are_recalibrated_on_the_training_data(runs):
+    state = load_file(runs["CAA"] / "supertickets" / "superposed-2.safetensors")
+    model = models.create_model("digits-mlp-bn", "digits")
+    model.load_state_dict(state)
+    loaders = build_loaders(DataConfig(name="digits", batch_size=64), seed=17)
+    loaders.train.set_epoch(16)  # the pass after the last epoch, as the trainer ran it
+    with torch.no_grad():
+        pre = torch.cat([model.fc1(x.flatten(1)) for x, _ in loaders.train])
+    # The cumulative average over the batches of one pass: per-batch means averaged.
+    assert torch.allclose(state["bn1.running_mean"], pre.mean(0), atol=1e-4)
+    assert int(state["bn1.num_batches_tracked"]) == len(loaders.train)
+
+
+def test_resume_in_the_cyclic_phase_matches_uninterrupted(runs, tmp_path):
+    part = train(f"{ARGS} --superposing_method CAA --max-steps 310", tmp_path, "part")  # in cycle 1
+    assert json.loads((part / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 310
+    train(f"{ARGS} --superposing_method CAA --resume auto", tmp_path, "part")
+    for i in (1, 2):
+        a = load_file(runs["CAA"] / "supertickets" / f"superposed-{i}.safetensors")
+        b = load_file(part / "supertickets" / f"superposed-{i}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), i
+    assert read_metrics(part)[-1]["superposed_test_acc"] == read_metrics(runs["CAA"])[-1]["superposed_test_acc"]
