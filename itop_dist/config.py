@@ -30,7 +30,8 @@ class SparseConfig:
     density: fraction of masked weights that are non-zero, in (0, 1].
     sparse_init: layer-density rule, ``ERK`` (default), ``ER``, ``uniform`` or ``er_itop``.
     exact_init: exactly round(d_l N_l) weights per layer (True) or a Bernoulli draw (parity).
-    death / growth / redistribution: prune, regrow and budget rules (spec 3, 4, 5).
+    death / growth / redistribution: prune, regrow and budget rules (spec 3, 4, 5); growth
+        defaults to ``gradient`` for GraNet and ``random`` (SET) otherwise.
     death_rate: initial prune fraction r0; decayed to ``death_rate_min`` by ``decay_schedule``.
     update_frequency: optimizer steps between mask updates; None = static (``--fix``).
     update_stop: fraction of training after which masks stop changing (1.0 = never stop).
@@ -58,7 +59,7 @@ class SparseConfig:
     death_rate: float = 0.5
     death_rate_min: float = 0.005
     decay_schedule: str = "cosine"
-    growth: str = "random"
+    growth: str | None = None
     redistribution: str = "none"
     update_frequency: int | None = 100
     update_stop: float = 1.0
@@ -72,6 +73,8 @@ class SparseConfig:
     def __post_init__(self) -> None:
         if self.redistribution == "nonzero":  # the reference's registry key (spec P8)
             self.redistribution = "nonzeros"
+        if self.growth is None:  # GraNet's regrowth is by gradient; ITOP's main.py default is SET
+            self.growth = "gradient" if self.method.startswith("GraNet") else "random"
         if self.final_density is None:
             self.final_density = self.density
         if self.mask_momentum is None:

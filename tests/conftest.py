@@ -87,6 +87,12 @@ def fake_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSet:
 
 
 @pytest.fixture
+def fake_cifar100_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSet:
+    """Big enough for the papers' batch 128 (160 train images, no validation split)."""
+    return _write_cifar(tmp_path, tvd.CIFAR100, "fine_labels", 100, [160, 20], monkeypatch)
+
+
+@pytest.fixture
 def fake_cifar100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSet:
     return _write_cifar(tmp_path, tvd.CIFAR100, "fine_labels", 100, [60, 20], monkeypatch)
 

@@ -94,3 +94,47 @@ def test_resume_in_the_cyclic_phase_matches_uninterrupted(runs, tmp_path):
         b = load_file(part / "supertickets" / f"superposed-{i}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), i
     assert read_metrics(part)[-1]["superposed_test_acc"] == read_metrics(runs["CAA"])[-1]["superposed_test_acc"]
+
+
+def seed_command(config: str) -> list[str]:
+    """The seed README command quoted at the top of a recipe file, minus the script name."""
+    import pathlib
+    import shlex
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "configs" / config).read_text()
+    line = next(l for l in text.splitlines() if l.startswith(("# Seed README", "# GraNet README")))
+    return shlex.split(line.split(".py ", 1)[1])
+
+
+RECIPES = ["cifar100_resnet50_suptickets_granet.yaml", "cifar100_resnet50_suptickets_rigl.yaml",
+           "cifar100_resnet50_suptickets_set.yaml", "cifar10_resnet50_granet_si0.5_d0.1.yaml",
+           "cifar10_resnet50_granet_dense_d0.1.yaml", "cifar10_resnet50_granet_si0.5_d0.05.yaml",
+           "cifar10_resnet50_gmp_d0.1.yaml", "cifar10_resnet50_rigl_itop_dst_d0.1.yaml"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_files_say_what_the_seed_commands_say(recipe):
+    import pathlib
+
+    from launcher.config import parse_config
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / recipe
+    from_cli, from_file = parse_config(seed_command(recipe)), parse_config(["--config", str(path)])
+    for part in ("model", "data", "sparsity", "optim", "tickets"):
+        assert getattr(from_cli, part) == getattr(from_file, part), part
+    assert from_cli.schedule.epochs == from_file.schedule.epochs and from_cli.seed == from_file.seed
+
+
+def test_suptickets_seed_command_runs_on_a_tiny_on_disk_cifar100(fake_cifar100_large, tmp_path):
+    from launcher.config import parse_config
+    from launcher.trainer import Trainer
+
+    cfg = parse_config(seed_command("cifar100_resnet50_suptickets_granet.yaml") + [
+        "--data-dir", str(fake_cifar100_large.root), "--max-steps", "1", "--output-dir",
+        str(tmp_path / "run"), "--device", "cpu", "--no-progress", "--no-wandb", "--no-plots"])
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary["step"] == 1 and trainer.pretrain_epochs == 226 and trainer.tickets is not None
