@@ -43,10 +43,11 @@ from .imagenet import (
     SCALE,
     ImageNetLoader,
     bad_file_error,
-    derive_seed,
     find_undecodable,
+    train_chunks,
     val_resize,
 )
+from .loader import derive_seed
 
 __all__ = ["DaliLoader", "imagenet_pipeline"]
 
@@ -128,20 +129,12 @@ class DaliLoader(ImageNetLoader):
         if self.train:
             # Every rank's remaining part, rank after rank; all have (len - start) batches,
             # so DALI's equal shards are exactly the ranks' parts.
-            parts = [self._rank_indices(epoch, r)[start * b:] for r in range(w)]
-            return torch.cat(parts).tolist(), self.rank, w, False
+            chunks = train_chunks(self.num_samples, b, w, self.seed, epoch)
+            return chunks[:, start * b:].reshape(-1).tolist(), self.rank, w, False
         if start == 0:
             return list(range(self.num_samples)), self.rank, w, True
         # A resumed evaluation pass (not used by the trainer): this rank's rest, unsharded.
         return self.indices(epoch)[start * b:].tolist(), 0, 1, True
-
-    def _rank_indices(self, epoch: int, rank: int) -> torch.Tensor:
-        if rank == self.rank:
-            return self.indices(epoch)
-        from .imagenet import shard_indices
-
-        return shard_indices(self.num_samples, self.batch_size, rank, self.world_size,
-                             train=self.train, seed=self.seed, epoch=epoch)
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if start >= len(self):
@@ -161,18 +154,25 @@ class DaliLoader(ImageNetLoader):
             batches = DALIGenericIterator(
                 [pipe], ["x", "y"], reader_name=READER, auto_reset=False,
                 last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
-            for out in batches:
+            while k < len(self):
+                out = next(batches, None)  # DALI's copies into fresh torch tensors
+                if out is None:  # not expected: DALI yields at least len(self) batches
+                    break
+                k += 1
+                if k == len(self):
+                    # The last batch: free the pipeline (threads, buffers) before handing it
+                    # out; the trainer evaluates after it and never asks for the next one.
+                    del batches, pipe
                 x, y = out[0]["x"], out[0]["y"].view(-1).long()
                 if y.numel() == 0:  # an all-padding last batch of a shorter evaluation shard
                     continue
                 if self.channels_last:
                     x = x.permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S), channels_last strides
                 yield x, y
-                k += 1
         except RuntimeError as err:
             raise self._decode_error(err, epoch, k) from None
-        # An abandoned iteration (the trainer stops at the last full optimizer step) frees the
-        # pipeline and its threads when the generator is closed or collected.
+        # An iteration abandoned earlier frees the pipeline when its generator is closed or
+        # collected (the trainer rebinds it at the next epoch).
 
     def _decode_error(self, err: RuntimeError, epoch: int, k: int) -> Exception:
         """A one-line ``ValueError`` naming the file DALI failed on, found among the batches
@@ -180,7 +180,7 @@ class DaliLoader(ImageNetLoader):
         window = range(k, min(len(self), k + PREFETCH + 2))
         bad = find_undecodable(self.batch_paths(epoch, window))
         if bad is not None:
-            return bad_file_error(self.folder, *bad)
+            return bad_file_error(*bad)
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         after = [ln for i, ln in enumerate(lines) if i and lines[i - 1] == "encountered:"]
         why = (after or lines or [type(err).__name__])[0]

@@ -303,6 +303,8 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--no-augment",), "data.augment", False, "no training augmentation"),
     (("--loader",), "data.loader", str, "ImageNet loader: auto, dali or torchvision"),
     (("--image-size",), "data.image_size", int, "ImageNet crop size (224)"),
+    (("--decode-device",), "data.decode_device", str, "ImageNet JPEG decoding: auto, cpu or gpu"),
+    (("--fp16-output",), "data.fp16_output", True, "ImageNet batches in fp16"),
     (("--sparse",), "sparse", True, "train a sparse network (dense without it)"),
     (("--method",), "sparsity.method", str,
      "DST (SET/RigL by --growth), static, GraNet, GraNet_uniform, GMP, GMP_uniform"),

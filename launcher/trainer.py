@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import pathlib
@@ -34,8 +33,6 @@ from launcher.parallel import ShardedState, apply_fsdp, full_state_dict
 from launcher.preemption import Preemption
 from launcher.suptickets import SuperTickets, cyclic_lr, phases, recalibrate_bn
 from launcher.tracking import Tracker, wandb_available
-
-log = logging.getLogger("itop_dist.train")
 
 
 SHOWN = ("sparsity/density", "itop/rate", "flops/train_rel", "flops/test_rel")
@@ -96,8 +93,9 @@ class Trainer:
         if cfg.data.name == "synthetic":
             model = models.create_model(cfg.model.name, _closest_dataset(cfg.model.name),
                                         num_classes=self.loaders.num_classes, **kwargs)
-        else:
-            model = models.create_model(cfg.model.name, cfg.data.name, **kwargs)
+        else:  # the class count of the data actually found (an ImageNet subset, say)
+            model = models.create_model(cfg.model.name, cfg.data.name,
+                                        num_classes=self.loaders.num_classes, **kwargs)
         self._new_model = lambda: models.create_model(  # a fresh copy (superposed models)
             cfg.model.name, cfg.data.name if cfg.data.name != "synthetic" else _closest_dataset(cfg.model.name),
             num_classes=self.loaders.num_classes, **kwargs)
@@ -385,7 +383,7 @@ class Trainer:
                           "mask/rate": report.rate, "sparsity/density": report.density,
                           "itop/rate": report.itop_rate}, self.state.step, self.state.epoch)
         self.tracker.log_layers(report.layer_densities, self.state.step)
-        log.info("%s", report)
+        self._print(str(report))  # "... The percentage of the total fired weights is R", as ITOP
 
     @torch.no_grad()
     def _eval_split(self, loader: BatchLoader, model: torch.nn.Module | None = None) -> tuple[float, float]:

@@ -1,0 +1,400 @@
+"""ImageNet loaders (data_pipelines.imagenet, data_pipelines.dali) on a generated JPEG tree.
+
+The tree has ImageNet's layout (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``), images of
+varied sizes, a grayscale and a CMYK JPEG among them. Every image is one solid colour, unique
+to it, so a sample can be recognised after any crop, resize and flip: the mean colour of an
+output image names the file it came from. The DALI tests run its CPU pipeline
+(``device_id=None``) and are skipped where DALI is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from PIL import Image
+
+from data_pipelines import DataConfig, build_loaders
+from data_pipelines import imagenet as inet
+from data_pipelines.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetLoader, scan_split
+
+HAVE_DALI = inet.dali_available()[0]
+needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed (pip install -e '.[dali]')")
+LOADERS = [pytest.param("dali", marks=needs_dali), "torchvision"]
+
+CLASSES = ("n01440764", "n01443537", "n01484850")
+TRAIN_PER_CLASS = 8
+VAL_PER_CLASS = (5, 4, 4)  # 13: two ranks get uneven shards (6 and 7)
+LEVELS = (16, 80, 144, 208)  # colour grid: 64 colours at least 64 apart in some channel
+GRAY = (80, 80, 80)
+
+
+@dataclass
+class Tree:
+    root: pathlib.Path
+    colours: dict[str, tuple[int, int, int]]  # "split/wnid/name" -> its RGB colour
+    special: dict[str, str]  # "L" / "CMYK" -> "split/wnid/name"
+
+
+def write_tree(root: pathlib.Path) -> Tree:
+    """3 classes x 8 train and 5/4/4 val solid-colour JPEGs, 40-120 px a side, quality 95.
+
+    train/<first class>/00.JPEG is a grayscale ('L') JPEG, train/<second class>/00.JPEG a
+    CMYK one; every image's colour is unique (gray ones only for the grayscale image).
+    """
+    gen = torch.Generator().manual_seed(0)
+    grid = [(r, g, b) for b in LEVELS for g in LEVELS for r in LEVELS if not r == g == b]
+    colours, special, n = {}, {}, 0
+    for split, counts in (("train", (TRAIN_PER_CLASS,) * len(CLASSES)), ("val", VAL_PER_CLASS)):
+        for c, wnid in enumerate(CLASSES):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for k in range(counts[c]):
+                w, h = (int(v) for v in torch.randint(40, 121, (2,), generator=gen))
+                mode = {(0, 0): "L", (1, 0): "CMYK"}.get((c, k), "RGB") if split == "train" else "RGB"
+                colour = GRAY if mode == "L" else grid[n]
+                n += mode != "L"
+                img = Image.new("RGB", (w, h), colour)
+                if mode != "RGB":
+                    img = img.convert(mode)
+                    special[mode] = f"{split}/{wnid}/{k:02d}.JPEG"
+                img.save(folder / f"{k:02d}.JPEG", quality=95)
+                colours[f"{split}/{wnid}/{k:02d}.JPEG"] = colour
+    return Tree(root, colours, special)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Tree:
+    return write_tree(tmp_path_factory.mktemp("imagenet"))
+
+
+def _cfg(root: pathlib.Path, loader: str, **kw) -> DataConfig:
+    kw = {"batch_size": 5, "test_batch_size": 4, "image_size": 32, **kw}
+    return DataConfig(name="imagenet", data_dir=str(root), loader=loader, **kw)
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """Normalised (B, 3, S, S) back to 0..255 pixel values (float)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.float() * std + mean) * 255
+
+
+def _identify(x: torch.Tensor, loader: ImageNetLoader, tree: Tree) -> list[int]:
+    """Sample index (into loader.folder.files) of each image of batch x, by its colour."""
+    split = loader.folder.root.name
+    table = torch.tensor([tree.colours[f"{split}/{f}"] for f in loader.folder.files], dtype=torch.float32)
+    means = _pixels(x).mean(dim=(2, 3))  # (B, 3)
+    dist = (means[:, None, :] - table[None]).abs().amax(dim=2)  # (B, N)
+    best = dist.min(dim=1)
+    assert (best.values < 12).all(), f"colours off by {best.values.max():.1f}"
+    return best.indices.tolist()
+
+
+def _run(loader: ImageNetLoader, tree: Tree, epoch: int = 0, start: int = 0) -> tuple[list[int], list[int]]:
+    """(sample ids, labels) of one iteration, checking each batch's format on the way."""
+    loader.set_epoch(epoch, start_batch=start)
+    ids, labels = [], []
+    for x, y in loader:
+        s = loader.image_size
+        assert x.shape[1:] == (3, s, s) and x.shape[0] == y.shape[0] >= 1
+        assert x.dtype == (torch.float16 if loader.fp16_output else torch.float32)
+        assert x.device.type == "cpu" and y.dtype == torch.int64 and y.ndim == 1
+        assert x.is_contiguous(memory_format=torch.channels_last) == loader.channels_last
+        px = _pixels(x)
+        assert px.min() > -3 and px.max() < 258, (px.min(), px.max())  # the 0..255 range, normalised
+        found = _identify(x, loader, tree)
+        assert y.tolist() == loader.folder.labels[found].tolist()
+        ids += found
+        labels += y.tolist()
+    return ids, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipelines
+
+
+@needs_dali
+def test_dali_cpu_pipeline_shapes_dtypes_ranges_and_labels(tree: Tree) -> None:
+    loaders = build_loaders(_cfg(tree.root, "dali"), seed=17)
+    train, test = loaders.train, loaders.test
+    assert type(train).__name__ == "DaliLoader" and not train.gpu
+    assert loaders.val is None and loaders.num_classes == 3 and loaders.input_shape == (3, 32, 32)
+    assert train.num_samples == 24 and len(train) == 4  # 24 // 5, the last 4 samples dropped
+    assert test.num_samples == 13 and len(test) == 4  # 4 + 4 + 4 + 1
+    ids, labels = _run(train, tree, epoch=0)
+    assert ids == train.indices(0).tolist() and len(set(ids)) == 20
+    assert labels == [i // TRAIN_PER_CLASS for i in ids]  # class = sorted wnid order
+    ids, labels = _run(test, tree)
+    assert ids == list(range(13)) and labels == [0] * 5 + [1] * 4 + [2] * 4
+    # Every training image once, unaugmented: the grayscale and the CMYK JPEG decode to their
+    # own colours, as 3 channels (_identify checks each image's colour).
+    from data_pipelines.dali import DaliLoader
+
+    every = DaliLoader(train.folder, 8, train=False, image_size=32)
+    ids, _ = _run(every, tree)
+    assert ids == list(range(24))
+    for mode in ("L", "CMYK"):
+        assert tree.special[mode].split("/", 1)[1] in train.folder.files
+
+
+@needs_dali
+def test_dali_fp16_and_channels_last_output(tree: Tree) -> None:
+    loaders = build_loaders(_cfg(tree.root, "dali", fp16_output=True, channels_last=True), seed=1)
+    for loader in (loaders.train, loaders.test):
+        ids, _ = _run(loader, tree)  # checks float16 and channels_last strides
+        assert ids == loader.indices(0).tolist()
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_two_ranks_see_every_sample_exactly_once_per_epoch(tree: Tree, loader: str) -> None:
+    ranks = [build_loaders(_cfg(tree.root, loader), seed=17, rank=r, world_size=2) for r in range(2)]
+    assert [len(r.train) for r in ranks] == [2, 2]  # 24 // 2 = 12 per rank -> 2 batches of 5
+    orders = []
+    for epoch in (0, 1):
+        seen = []
+        for r in ranks:
+            ids, _ = _run(r.train, tree, epoch=epoch)
+            assert ids == r.train.indices(epoch).tolist()  # DALI's shard = this rank's chunk
+            seen += ids
+        assert len(seen) == len(set(seen)) == 20  # each of 24 at most once; 2 per rank dropped
+        orders.append(seen)
+    assert orders[0] != orders[1]  # reshuffled every epoch
+    # Evaluation: 13 samples, shards of 6 and 7, every one counted once.
+    val = [_run(r.test, tree)[0] for r in ranks]
+    assert val == [list(range(6)), list(range(6, 13))]
+    assert [len(r.test) for r in ranks] == [2, 2]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_resume_mid_epoch_yields_the_remaining_batches(tree: Tree, loader: str) -> None:
+    train = build_loaders(_cfg(tree.root, loader), seed=5).train
+    full, _ = _run(train, tree, epoch=2)
+    rest, _ = _run(train, tree, epoch=2, start=3)
+    assert rest == full[15:] and len(rest) == 5
+    assert _run(train, tree, epoch=2, start=4)[0] == []
+    again, _ = _run(train, tree, epoch=2)  # start_batch applies to one iteration only
+    assert again == full
+
+
+def test_torchvision_resume_is_bitwise_identical(tree: Tree) -> None:
+    train = build_loaders(_cfg(tree.root, "torchvision"), seed=5).train
+    train.set_epoch(1)
+    full = list(train)
+    train.set_epoch(1, start_batch=2)
+    for (xa, ya), (xb, yb) in zip(full[2:], train, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@needs_dali
+def test_torchvision_fallback_matches_dali_shapes_and_normalisation(tree: Tree) -> None:
+    made = {name: build_loaders(_cfg(tree.root, name), seed=3) for name in ("dali", "torchvision")}
+    for split in ("train", "test"):
+        batches = {name: list(getattr(made[name], split)) for name in made}
+        assert len(batches["dali"]) == len(batches["torchvision"])
+        for (xd, yd), (xt, yt) in zip(batches["dali"], batches["torchvision"]):
+            assert xd.shape == xt.shape and xd.dtype == xt.dtype and torch.equal(yd, yt)
+            # Solid colours: the same per-image normalised values whatever the crop.
+            assert (xd.mean(dim=(2, 3)) - xt.mean(dim=(2, 3))).abs().max() < 0.05
+    tv = made["torchvision"]
+    assert type(tv.train).__name__ == "TorchvisionLoader"
+    assert (len(tv.train), tv.train.num_samples, len(tv.test), tv.test.num_samples) == (4, 24, 4, 13)
+
+
+def test_torchvision_loader_with_workers_fp16_channels_last(tree: Tree) -> None:
+    loaders = build_loaders(_cfg(tree.root, "torchvision", num_workers=2, fp16_output=True,
+                                 channels_last=True), seed=3)
+    ids, _ = _run(loaders.train, tree, epoch=1)
+    assert ids == loaders.train.indices(1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the loader, flags
+
+
+def test_loader_choice_and_flag_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert DataConfig(name="imagenet").loader == "auto" and DataConfig().image_size == 224
+    with pytest.raises(ValueError, match=re.escape("--loader: 'pil': choose auto, dali, torchvision")):
+        DataConfig(name="imagenet", loader="pil")
+    with pytest.raises(ValueError, match="--image-size"):
+        DataConfig(name="imagenet", image_size=4)
+    with pytest.raises(ValueError, match="--decode-device"):
+        DataConfig(name="imagenet", decode_device="tpu")
+    assert inet.resolve_loader("torchvision") == "torchvision"
+    assert inet.resolve_loader("auto") == ("dali" if HAVE_DALI else "torchvision")
+    monkeypatch.setattr(inet, "dali_available", lambda: (False, "ImportError: No module named 'nvidia'"))
+    assert inet.resolve_loader("auto") == "torchvision"
+    with pytest.raises(ValueError, match=re.escape("--loader dali: NVIDIA DALI cannot be imported")):
+        inet.resolve_loader("dali")
+    assert inet.val_resize(224) == 256 and inet.val_resize(32) == 37
+
+
+def test_build_errors_name_the_flag(tree: Tree) -> None:
+    with pytest.raises(ValueError, match=re.escape("--batch-size: 13 per process x 2 processes")):
+        build_loaders(_cfg(tree.root, "torchvision", batch_size=13), seed=0, world_size=2)
+    with pytest.raises(ValueError, match="--valid-split"):
+        build_loaders(_cfg(tree.root, "torchvision", valid_split=0.1), seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad trees: one-line errors naming the file or folder
+
+
+def _one_line(match: str, fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert match in message, message
+    return message
+
+
+@pytest.fixture
+def copy(tree: Tree, tmp_path: pathlib.Path) -> pathlib.Path:
+    root = tmp_path / "tree"
+    shutil.copytree(tree.root, root)
+    return root
+
+
+@pytest.mark.parametrize("case", ["no root", "no val", "flat val", "empty class", "not an image",
+                                  "sub-folder", "unknown val class", "no classes"])
+def test_layout_errors_name_the_folder_or_file(copy: pathlib.Path, case: str) -> None:
+    wnid = CLASSES[1]
+    if case == "no root":
+        expect = str(copy / "nowhere")
+        copy = copy / "nowhere"
+    elif case == "no val":
+        shutil.rmtree(copy / "val")
+        expect = str(copy / "val")
+    elif case == "flat val":
+        (copy / "val" / wnid / "00.JPEG").rename(copy / "val" / "ILSVRC2012_val_00000001.JPEG")
+        expect = str(copy / "val" / "ILSVRC2012_val_00000001.JPEG")
+    elif case == "empty class":
+        for f in (copy / "train" / wnid).iterdir():
+            f.unlink()
+        expect = str(copy / "train" / wnid)
+    elif case == "not an image":
+        (copy / "train" / wnid / "notes.txt").write_text("not an image")
+        expect = str(copy / "train" / wnid / "notes.txt")
+    elif case == "sub-folder":
+        (copy / "val" / wnid / "more").mkdir()
+        expect = str(copy / "val" / wnid / "more")
+    elif case == "unknown val class":
+        (copy / "val" / wnid).rename(copy / "val" / "n09999999")
+        expect = str(copy / "val" / "n09999999")
+    else:
+        shutil.rmtree(copy / "train")
+        (copy / "train").mkdir()
+        expect = str(copy / "train")
+    message = _one_line(expect, build_loaders, _cfg(copy, "torchvision"), seed=0)
+    assert message.startswith(f"--data-dir {copy}")
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("kind", ["text", "truncated", "empty"])
+def test_undecodable_files_name_the_file(copy: pathlib.Path, loader: str, kind: str) -> None:
+    bad = copy / "val" / CLASSES[2] / "02.JPEG"
+    if kind == "text":
+        bad.write_text("this is not a JPEG")
+    elif kind == "truncated":
+        bad.write_bytes(bad.read_bytes()[:300])
+    else:
+        bad.write_bytes(b"")
+    test = build_loaders(_cfg(copy, loader), seed=0).test  # listing does not open files
+    _one_line(f"cannot decode {bad}", _run_plain, test)
+
+
+def _run_plain(loader: ImageNetLoader) -> None:
+    loader.set_epoch(0)
+    for _ in loader:
+        pass
+
+
+def test_scan_lists_sorted_classes_and_relative_files(tree: Tree) -> None:
+    train = scan_split(tree.root, "train")
+    assert train.classes == CLASSES and len(train) == 24
+    assert train.files[:2] == (f"{CLASSES[0]}/00.JPEG", f"{CLASSES[0]}/01.JPEG")
+    assert train.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    val = scan_split(tree.root, "val", classes=train.classes)
+    assert val.labels.tolist() == [0] * 5 + [1] * 4 + [2] * 4
+
+
+def test_random_resized_crop_box_stays_inside_and_follows_the_ranges() -> None:
+    import random
+
+    rng = random.Random(0)
+    for h, w in [(40, 120), (120, 40), (300, 400), (8, 8)]:
+        for _ in range(200):
+            top, left, ch, cw = inet.random_resized_crop_box(h, w, rng)
+            assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch >= 1 and cw >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training with the DALI loader under 2-process accelerate launch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ACCELERATE = pathlib.Path(sys.executable).parent / "accelerate"
+WORKER = REPO / "tests" / "workers" / "dist_train.py"
+
+
+@needs_dali
+@pytest.mark.slow
+def test_two_process_sparse_training_with_the_dali_loader(tree: Tree, tmp_path: pathlib.Path) -> None:
+    from test_distributed import assert_identical, free_port, ranks
+
+    # 24 images / 2 ranks / batch 4: 3 steps per epoch; a mask update at step 2.
+    args = (f"--sparse --data imagenet --data-dir {tree.root} --loader dali --image-size 32 "
+            f"--model resnet18 --epochs 2 --batch-size 4 --test-batch-size 4 --lr 0.01 "
+            f"--lr-schedule constant --update_frequency 2 --density 0.2 --growth gradient "
+            f"--no-progress --no-wandb --no-plots --output-dir {tmp_path}")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+           str(free_port()), str(WORKER), *shlex.split(args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = ranks(tmp_path)
+    assert_identical(r0, r1)
+    assert r0["summary"]["step"] == 6 and r0["updates"] == 3 and r0["summary"]["world_size"] == 2
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert '"test/acc"' in metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipes
+
+
+RECIPES = ["imagenet_resnet50_dense", "imagenet_resnet50_rigl_itop_d0.2", "imagenet_resnet50_rigl_itop_d0.2_2x",
+           "imagenet_resnet50_rigl_itop_d0.1", "imagenet_resnet50_rigl_itop_d0.1_2x"]
+
+
+@pytest.mark.parametrize("path", [REPO / "configs" / f"{r}.yaml" for r in RECIPES], ids=RECIPES)
+def test_imagenet_recipes_hold_the_reference_hyperparameters(path: pathlib.Path) -> None:
+    from launcher.config import parse_config
+
+    text = path.read_text()
+    assert text.startswith("# ") and "# Seed README (ITOP, ImageNet)" in text
+    cfg = parse_config(["--config", str(path), "--data-dir", "IMAGENET"])
+    assert (cfg.model.name, cfg.model.init, cfg.data.name, cfg.data.batch_size) == ("resnet50", "fanin", "imagenet", 64)
+    assert cfg.model.channels_last and cfg.data.channels_last and cfg.mixed_precision == "auto"
+    o, s = cfg.optim, cfg.schedule
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 0.1, 0.9, False, 1e-4)
+    assert o.label_smoothing == 0.1 and o.bn_weight_decay is False
+    assert (s.epochs, s.lr_schedule, s.milestones, s.warmup_epochs) == (100, "multistep", (0.3, 0.6, 0.9), 5)
+    assert cfg.seed == 17
+    assert s.multiplier == (2 if path.stem.endswith("_2x") else 1)
+    if "dense" in path.stem:
+        assert not cfg.sparse
+    else:
+        sp = cfg.sparsity
+        assert cfg.sparse and sp.density == (0.2 if "d0.2" in path.stem else 0.1)
+        assert (sp.sparse_init, sp.growth, sp.death, sp.death_rate, sp.update_frequency) == (
+            "ERK", "gradient", "magnitude", 0.5, 4000)
+        assert f"--density {sp.density} " in text and f"--multiplier {int(s.multiplier)} " in text
