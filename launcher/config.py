@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import pathlib
 import tomllib
 import types
@@ -67,6 +68,8 @@ class ScheduleConfig:
     epochs x multiplier epochs are trained (ITOP's extended training; fractional allowed).
     lr_schedule ``multistep``: x gamma at each milestone (fractions of the epochs; the papers'
     1/2 and 3/4), applied at epoch boundaries; ``cosine``: per step to 0; ``constant``.
+    milestone_epochs: the decays at these epochs instead (Sup-tickets ImageNet's --first_m,
+    --second_m, --third_m).
     warmup_epochs: lr (e + 1) / (W + 1) in epoch e < W (ImageNet recipe).
     max_steps: stop after this many optimizer steps (smoke tests, benchmarks).
     eval_every: evaluate every N steps as well as at each epoch end (None: epoch ends only).
@@ -77,6 +80,7 @@ class ScheduleConfig:
     multiplier: float = 1.0
     lr_schedule: str = "multistep"
     milestones: tuple[float, ...] = (0.5, 0.75)
+    milestone_epochs: tuple[int, ...] | None = None
     gamma: float = 0.1
     warmup_epochs: int = 0
     max_steps: int | None = None
@@ -157,6 +161,7 @@ class TicketsConfig:
     superposing: str = "CAA"
     cima_factor: float = 0.5
     label: str | None = None
+    pretrain_epochs: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.cycle >= 1, "--cycle", "must be >= 1")
@@ -194,6 +199,11 @@ class TrainConfig:
         _check(not (self.sharding == "fsdp" and self.mixed_precision == "fp16"), "--mixed-precision",
                "fp16 with --sharding fsdp is not supported; use bf16")
         _check(not self.tickets.enabled or self.sparse, "--cyclic_train", "Sup-tickets needs --sparse")
+        t = self.tickets
+        _check(t.pretrain_epochs is None or t.cyclic_epochs is None
+               or t.pretrain_epochs + t.cyclic_epochs == self.schedule.epochs * self.schedule.multiplier,
+               "--pretrain_epoch", f"{t.pretrain_epochs} + --cyclic_epochs {t.cyclic_epochs} must equal "
+               f"--epochs {self.schedule.epochs:g}")
         if self.data.name != "synthetic":
             fits = models.model_datasets(self.model.name)  # raises for an unknown --model
             _check(self.data.name in fits, "--data",
@@ -290,7 +300,7 @@ def _tuple_of(kind):
 
 # (flags, config path, type or a constant for store_const flags, help)
 FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
-    (("--model",), "model.name", str, "model name (itop-inspect --help lists datasets)"),
+    (("--model", "--arch", "-a"), "model.name", str, "model name (itop-inspect --help lists datasets)"),
     (("-c", "--init"), "model.init", str, "ImageNet ResNet-50 init: fanin or classic"),
     (("--channels-last",), "model.channels_last", _bool, "true/false (default: on CUDA conv nets)"),
     (("--data",), "data.name", str, "digits, mnist, cifar10, cifar100, synthetic"),
@@ -338,6 +348,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--lr-schedule",), "schedule.lr_schedule", str, "multistep, cosine, constant"),
     (("--milestones",), "schedule.milestones", _tuple_of(float), "multistep milestones as fractions"),
     (("--warmup",), "schedule.warmup_epochs", int, "warm-up epochs"),
+    (("--milestone-epochs",), "schedule.milestone_epochs", _tuple_of(int), "multistep decays at these epochs"),
     (("--max-steps",), "schedule.max_steps", int, "stop after N optimizer steps"),
     (("--eval-every",), "schedule.eval_every", int, "also evaluate every N steps"),
     (("--decay-frequency",), "schedule.decay_frequency", int, "accepted; unused (as in the papers)"),
@@ -345,7 +356,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--keep-last",), "checkpoint.keep_last", int, "checkpoints kept (plus the best)"),
     (("--resume",), "checkpoint.resume", str, "auto, or a checkpoint folder"),
     (("--output-dir", "--save-dir"), "log.output_dir", str, "the run folder"),
-    (("--log-interval", "--log-every"), "log.log_every", int, "steps between train logs"),
+    (("--log-interval", "--log-every", "-p", "--print-freq"), "log.log_every", int, "steps between train logs"),
     (("--no-progress",), "log.progress", False, "no progress bar"),
     (("--no-wandb",), "log.wandb", False, "do not log to Weights & Biases"),
     (("--wandb-project",), "log.wandb_project", str, "W&B project name"),
@@ -356,6 +367,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--cycle",), "tickets.cycle", int, "epochs per Sup-tickets cycle"),
     (("--cycle_rate",), "tickets.cycle_rate", float, "fraction of epochs in the cyclic phase"),
     (("--cyclic_epochs",), "tickets.cyclic_epochs", int, "epochs of the cyclic phase (ImageNet)"),
+    (("--pretrain_epoch",), "tickets.pretrain_epochs", int, "epochs before the cyclic phase (ImageNet)"),
     (("--cyc_lr",), "tickets.cyc_lr", True, "triangular LR in each cycle"),
     (("--lr_1",), "tickets.lr_1", float, "cyclic LR at the ends of a cycle"),
     (("--lr_2",), "tickets.lr_2", float, "cyclic LR in the middle of a cycle"),
@@ -399,11 +411,57 @@ class ConfigError(ValueError):
     """A bad flag, file or combination: one line naming what is wrong and how to fix it."""
 
 
+# Flags of the papers' launch lines that belong to the launcher, not the run: accepted, ignored.
+LAUNCHER_ONLY = ("--master_port", "--master-port", "--local_rank", "--local-rank")
+
+
+def papers_spellings(argv: list[str]) -> list[str]:
+    """The seed commands' spellings that are not one flag each, rewritten:
+    ``--first_m A --second_m B --third_m C`` -> ``--milestone-epochs A,B,C``; the launcher's own
+    flags dropped; Sup-tickets ImageNet's ``--density`` beside ``--init-density`` is the
+    density of the superposed model, which must be ``--final-density``; a bare path is
+    ``--data-dir`` (the papers pass the data folder as a positional argument); ``--arch`` is
+    the ImageNet scripts' flag, so without ``--data`` it means ``--data imagenet``."""
+    out, marks, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--first_m", "--second_m", "--third_m") and i + 1 < len(argv):
+            marks[arg] = argv[i + 1]
+            i += 2
+            continue
+        if arg in LAUNCHER_ONLY:
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    if marks:
+        out += ["--milestone-epochs", ",".join(marks[k] for k in ("--first_m", "--second_m", "--third_m") if k in marks)]
+    flags = [a.replace("_", "-") for a in out]
+    if ("--arch" in flags or "-a" in flags) and "--data" not in flags:
+        # ImageNet main.py's defaults (spec 6.6), before the command's own flags.
+        out = ["--data", "imagenet", "--nesterov", "false", "--l2", "0.0001",
+               "--bn-weight-decay", "false", "--mixed-precision", "auto"] + out
+        flags = [a.replace("_", "-") for a in out]
+    if "--init-density" in flags and "--density" in flags:
+        i = flags.index("--density")
+        density = out[i + 1]
+        final = out[flags.index("--final-density") + 1] if "--final-density" in flags else None
+        if final is None or float(final) != float(density):
+            raise ConfigError(f"--density {density} beside --init-density is the superposed model's "
+                              f"density and must equal --final-density ({final})")
+        del out[i:i + 2]
+    return out
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < --config file < command-line flags; raises ConfigError on bad input."""
     parser = build_parser()
+    parser.add_argument("data_dir_positional", nargs="?", help="the data folder (as the papers pass it)")
     parser.error = lambda message: (_ for _ in ()).throw(ConfigError(message))  # no SystemExit
-    given = vars(parser.parse_args(argv))
+    given = vars(parser.parse_args(papers_spellings(sys.argv[1:] if argv is None else list(argv))))
+    if "data_dir_positional" in given:
+        given.setdefault("data.data_dir", given.pop("data_dir_positional"))
+        given.pop("data_dir_positional", None)
     tree = load_file(given.pop("config")) if "config" in given else {}
     for path, value in given.items():
         set_path(tree, path, value)

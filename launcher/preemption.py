@@ -1,11 +1,12 @@
 """Preemption and time limits: checkpoint at the next step boundary, then requeue.
 
-SLURM sends the job a warning signal before its time limit (``#SBATCH --signal=B:USR1@300``
-or ``--signal=USR1@300``) and SIGTERM when it preempts or cancels it. Either one makes every
-rank stop at the same step boundary, write a checkpoint and, inside a SLURM job, ask SLURM to
-requeue it (``scontrol requeue``; the script has ``#SBATCH --requeue``); the requeued job
-resumes from that checkpoint (``--resume auto``) and continues the same W&B run. Nothing is
-trained twice and at most the step in flight is lost.
+SLURM sends the job a warning signal before its time limit (``#SBATCH --signal=USR1@300``)
+and SIGTERM when it preempts or cancels it. Either one makes every rank stop at the same step
+boundary and write a checkpoint; after the warning, rank 0 also asks SLURM to requeue the job
+(``scontrol requeue``; the script has ``#SBATCH --requeue``), while after SIGTERM SLURM itself
+requeues a preempted job and a cancelled one stays cancelled. The requeued job resumes from that
+checkpoint (``--resume auto``) and continues the same W&B run. Nothing is trained twice and at
+most the step in flight is lost.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ class Preemption:
         return bool(flag.item())
 
     def requeue(self, is_main: bool) -> bool:
-        """Ask SLURM to requeue this job (rank 0, inside a SLURM job); True if asked."""
+        """Ask SLURM to requeue this job (rank 0, inside a SLURM job, after the time-limit
+        warning SIGUSR1); True if asked. After SIGTERM the job is not requeued here: a user's
+        ``scancel`` must end it, and SLURM requeues jobs it preempts (``--requeue``) itself."""
         job = os.environ.get("SLURM_JOB_ID")
-        if not (is_main and job):
+        if not (is_main and job and self.received == signal.SIGUSR1):
             return False
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if result.returncode != 0:

@@ -88,5 +88,7 @@ class Tracker:
                      **{f"density/{n}": d for n, d in densities.items()}}, step=step)
 
     def finish(self) -> None:
+        """Close the W&B run; later calls (and later logs) touch W&B no more."""
         if self.wandb:
             self.accelerator.end_training()
+            self.wandb = False

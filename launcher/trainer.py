@@ -69,7 +69,7 @@ def lr_factor(step: int, s: ScheduleConfig, steps_per_epoch: int, total: int) ->
     if epoch < s.warmup_epochs:
         return (epoch + 1) / (s.warmup_epochs + 1)
     if s.lr_schedule == "multistep":
-        bounds = [int(m * s.epochs) * s.multiplier for m in s.milestones]
+        bounds = s.milestone_epochs or [int(m * s.epochs) * s.multiplier for m in s.milestones]
         return s.gamma ** sum(epoch >= b for b in bounds)
     if s.lr_schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
@@ -123,6 +123,9 @@ class Trainer:
         epochs = round(cfg.schedule.epochs * cfg.schedule.multiplier)
         self.pretrain_epochs, cyclic = (phases(epochs, t.cycle, t.cycle_rate, t.cyclic_epochs)
                                         if t.enabled else (epochs, 0))
+        if t.enabled and cyclic and t.pretrain_epochs not in (None, self.pretrain_epochs):
+            raise ValueError(f"--pretrain_epoch {t.pretrain_epochs}: the cycles leave "
+                             f"{self.pretrain_epochs} pre-train epochs; adjust --cyclic_epochs/--cycle")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         if sharded:  # FSDP2 owns the model and optimizer state; Accelerate the rest
             self.model, self.optimizer = model, optimizer
@@ -291,12 +294,14 @@ class Trainer:
         return self._summary()
 
     def _preempted(self, bar) -> dict:
-        """A stop signal: checkpoint this step on every rank, then requeue the SLURM job."""
+        """A stop signal: checkpoint this step on every rank, close the W&B run (a requeue
+        signals every process of the job, W&B's own too), then requeue the SLURM job."""
         bar.close()
         self._save(False)
+        self.tracker.finish()
         requeued = self.preemption.requeue(self.accelerator.is_main_process)
-        record = {"preempted": True, "requeued": requeued, "signal": self.preemption.received}
-        self.tracker.log(record, self.state.step, self.state.epoch)
+        record = {"preempted": True, "requeued": requeued, "signal": int(self.preemption.received)}
+        self.tracker.log(record, self.state.step, self.state.epoch)  # metrics.jsonl: W&B is closed
         self._print(f"stop signal: checkpoint at step {self.state.step} written"
                     + ("; job requeued" if requeued else "; resume with --resume auto"))
         return {**record, "step": self.state.step}

@@ -138,3 +138,25 @@ def test_suptickets_seed_command_runs_on_a_tiny_on_disk_cifar100(fake_cifar100_l
     finally:
         trainer.close()
     assert summary["step"] == 1 and trainer.pretrain_epochs == 226 and trainer.tickets is not None
+
+
+@pytest.mark.parametrize("recipe", ["imagenet_resnet50_suptickets_granet.yaml",
+                                    "imagenet_resnet50_suptickets_rigl.yaml"])
+def test_imagenet_seed_commands_run_as_written(recipe):
+    """The ImageNet Sup-tickets commands, our launcher in place of multiproc.py/main.py."""
+    import pathlib
+    import shlex
+
+    from launcher.config import parse_config
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / recipe
+    line = next(l for l in path.read_text().splitlines() if "-m launcher.train " in l and "--sparse" in l)
+    from_cli = parse_config(shlex.split(line.split("-m launcher.train ", 1)[1]))
+    from_file = parse_config(["--config", str(path)])
+    assert from_cli.data.data_dir == "IMAGENET" and from_cli.data.name == "imagenet"
+    # channels_last: the file says true, the command leaves the default (on for conv nets on GPUs)
+    assert (from_cli.model.name, from_cli.model.init) == (from_file.model.name, from_file.model.init)
+    for part in ("sparsity", "optim", "tickets", "schedule"):
+        assert getattr(from_cli, part) == getattr(from_file, part), part
+    assert from_cli.schedule.milestone_epochs == (30, 60, 85)
+    assert from_cli.sparsity.final_density == 0.1 and from_cli.tickets.pretrain_epochs == 92
