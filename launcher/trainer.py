@@ -90,15 +90,12 @@ class Trainer:
         self.loaders = build_loaders(cfg.data, seed=cfg.seed, rank=acc.process_index,
                                      world_size=acc.num_processes)
         kwargs = {"init": cfg.model.init} if cfg.model.init else {}
-        if cfg.data.name == "synthetic":
-            model = models.create_model(cfg.model.name, _closest_dataset(cfg.model.name),
-                                        num_classes=self.loaders.num_classes, **kwargs)
-        else:  # the class count of the data actually found (an ImageNet subset, say)
-            model = models.create_model(cfg.model.name, cfg.data.name,
-                                        num_classes=self.loaders.num_classes, **kwargs)
-        self._new_model = lambda: models.create_model(  # a fresh copy (superposed models)
-            cfg.model.name, cfg.data.name if cfg.data.name != "synthetic" else _closest_dataset(cfg.model.name),
-            num_classes=self.loaders.num_classes, **kwargs)
+        data = cfg.data.name if cfg.data.name != "synthetic" else _closest_dataset(cfg.model.name)
+        # With the class count of the data actually found (an ImageNet subset, say); also used
+        # for fresh copies (Sup-tickets' superposed models).
+        self._new_model = lambda: models.create_model(
+            cfg.model.name, data, num_classes=self.loaders.num_classes, **kwargs)
+        model = self._new_model()
         self.channels_last = cfg.model.channels_last
         if self.channels_last is None:
             self.channels_last = acc.device.type == "cuda" and len(self.loaders.input_shape) == 3
