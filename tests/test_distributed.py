@@ -147,3 +147,17 @@ def test_granet_two_processes_identical_masks(tmp_path):
     assert_identical(r0, r1)
     nnz = sum(int(m.sum()) for m in r0["masks"].values())
     assert nnz == round(0.1 * sum(m.numel() for m in r0["masks"].values()))
+
+
+def test_suptickets_two_processes_superpose_and_recalibrate_identically(tmp_path):
+    """BN recalibration runs on each rank's shard; the averaged statistics are the same everywhere."""
+    launch(tmp_path, "--model digits-mlp-bn --method GraNet --init-density 0.5 --final-density 0.1 "
+                     "--final-prune-epoch 1 --epochs 4 --pre_train --cyclic_train --cycle 1 "
+                     "--cycle_rate 0.5 --cyc_lr --lr_1 0.01 --lr_2 0.05 --re_explore "
+                     "--large-death-rate 0.5 --no_maskupdates --update_bn")
+    r0, r1 = ranks(tmp_path)
+    assert_identical(r0, r1)
+    assert r0["superposed"] and r0["superposed"].keys() == r1["superposed"].keys()
+    for k, v in r0["superposed"].items():
+        assert torch.equal(v, r1["superposed"][k]), k
+    assert r0["summary"]["result"] == "superposed model 2 (Sup-tickets)"

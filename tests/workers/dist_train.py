@@ -53,6 +53,7 @@ def main(argv: list[str]) -> int:
                     for n, p in trainer.model.named_parameters()},
         "shards": shards,
         "updates": sp.state.updates if sp else 0,
+        "superposed": dict(trainer.tickets.superposed) if trainer.tickets is not None else {},
     }, out / f"rank{rank}.pt")
     trainer.close()
     return 0
