@@ -117,7 +117,7 @@ class Trainer:
                              f"{len(self.loaders.train)} batches per epoch of each process")
         self.total_steps = total_steps(self.steps_per_epoch, cfg.schedule.epochs, cfg.schedule.multiplier)
         t = cfg.tickets
-        epochs = round(cfg.schedule.epochs * cfg.schedule.multiplier)
+        self.epochs = epochs = round(cfg.schedule.epochs * cfg.schedule.multiplier)
         self.pretrain_epochs, cyclic = (phases(epochs, t.cycle, t.cycle_rate, t.cyclic_epochs)
                                         if t.enabled else (epochs, 0))
         if t.enabled and cyclic and t.pretrain_epochs not in (None, self.pretrain_epochs):
@@ -186,12 +186,11 @@ class Trainer:
         """Sup-tickets at the end of an epoch: keep S_0, superpose a finished cycle's ticket,
         re-explore at the start of the next cycle (with this epoch's last gradient)."""
         t, done, pre = self.cfg.tickets, self.state.epoch, self.pretrain_epochs
-        last = round(self.cfg.schedule.epochs * self.cfg.schedule.multiplier)
         if done == pre:
             self.tickets.start(self._full_state())
         if done > pre and (done - pre) % t.cycle == 0:
             self._superpose()
-        if t.re_explore and pre <= done < last and (done - pre) % t.cycle == 0:
+        if t.re_explore and pre <= done < self.epochs and (done - pre) % t.cycle == 0:
             report = self.sparsifier.update(rate=t.large_death_rate)
             self.flops.set_densities(report.layer_densities)
             self._on_mask_update(report)
