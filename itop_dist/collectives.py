@@ -35,6 +35,29 @@ def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank (no-op with one process)."""
+    if world_size(group) > 1:
+        dist.barrier(group)
+
+
+def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """True on every rank if ``flag`` is True on any rank: one all-reduce (MAX) of one int, so
+    that a failure on one rank (a full disk, a bad file) stops all ranks together."""
+    if world_size(group) == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=_comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def broadcast_objects(objects: list, group: dist.ProcessGroup | None = None) -> None:
+    """Rank 0's ``objects`` (small picklable values: a path, a message) replace every rank's,
+    in place. The pickles travel between this job's own processes; nothing is read from a file."""
+    if world_size(group) > 1:
+        dist.broadcast_object_list(objects, src=0, group=group, device=_comm_device(group))
+
+
 def _as_indices(numel: int, nnz: int) -> bool:
     """Int32 indices (4 bytes per active weight) beat 1 bit per weight below density 1/32."""
     return 4 * nnz < (numel + 7) // 8

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
@@ -50,23 +51,35 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in sd.items()}
 
 
-class ShardedState:
-    """Model and optimizer state of a sharded run, for Accelerate's checkpointing.
+class ModelState:
+    """The model's full (unsharded) state for checkpoints, the same for replicated and sharded
+    runs: parameter names without wrapper prefixes (``module.``), full tensors on the CPU.
 
-    ``state_dict`` gathers the full (unsharded) state on rank 0 (a collective: Accelerate calls
-    it on every rank and writes rank 0's); ``load_state_dict`` hands rank 0's full state to
-    every rank's shards. Full state dicts make the checkpoint independent of the world size.
+    ``state_dict`` is a collective under FSDP (every rank calls it; rank 0 gets the full state,
+    the others an empty dict); ``load_state_dict`` takes the full state on every rank and keeps
+    each rank's shard. So a checkpoint of any world size or mode loads into any other.
     """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, sd: dict) -> None:
+        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True))
+
+
+class OptimizerState:
+    """The optimizer's full state keyed by parameter name (``torch.distributed.checkpoint``'s
+    layout), the same for replicated and sharded runs; collectives as :class:`ModelState`."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
-        return {"model": model_sd, "optimizer": optim_sd}
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dict(self, sd: dict) -> None:
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"],
-                       optim_state_dict=sd["optimizer"], options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, sd, options=StateDictOptions(full_state_dict=True))

@@ -87,6 +87,27 @@ class Tracker:
             run.log({key: wandb.plot.bar(table, "layer", "density", title=f"layer densities, step {step}"),
                      **{f"density/{n}": d for n, d in densities.items()}}, step=step)
 
+    def rewind(self, step: int) -> int:
+        """A run resumed at ``step``: records of later steps (they are trained again) move from
+        ``metrics.jsonl`` to ``metrics-rewound.jsonl``, so a reader never sees a step go back.
+        Returns how many moved (rank 0; others 0)."""
+        if not (self.main and self.path.exists()):
+            return 0
+        kept, dropped = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                later = json.loads(line).get("step", -1) > step
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                later = False  # keep what cannot be read; it is not ours to judge
+            (dropped if later else kept).append(line)
+        if dropped:
+            with open(self.path.with_name("metrics-rewound.jsonl"), "a") as f:
+                f.writelines(dropped)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+        return len(dropped)
+
     def finish(self) -> None:
         """Close the W&B run; later calls (and later logs) touch W&B no more."""
         if self.wandb:

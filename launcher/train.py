@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from launcher.checkpoint import CheckpointError
 from launcher.config import parse_config
 
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         trainer.fit()
+    except CheckpointError as err:  # a checkpoint that could not be written (disk full)
+        print(f"itop-train: error: {err}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     return 0

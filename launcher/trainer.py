@@ -26,10 +26,10 @@ import models
 from data_pipelines import BatchLoader, build_loaders
 from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, total_steps
 from itop_dist.sparsifier import full_tensor
-from launcher.checkpoint import Checkpointer
+from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
 from launcher.config import ScheduleConfig, TrainConfig, save_config
 from launcher import plots
-from launcher.parallel import ShardedState, apply_fsdp, full_state_dict
+from launcher.parallel import ModelState, OptimizerState, apply_fsdp, full_state_dict
 from launcher.preemption import Preemption
 from launcher.suptickets import SuperTickets, cyclic_lr, phases, recalibrate_bn
 from launcher.tracking import Tracker, wandb_available
@@ -43,14 +43,27 @@ SUMMARY_NAMES = {"sparsity/density": "final_density", "itop/rate": "final_itop_r
 
 @dataclass
 class TrainState:
-    """Where the run is: registered with Accelerate so it lands in every checkpoint."""
+    """Where the run is; saved as ``train_state.json`` in every checkpoint.
 
-    step: int = 0            # optimizer steps taken (batches consumed)
+    ``step`` counts optimizer steps taken and only grows (metrics and W&B are keyed by it).
+    The schedules (LR, mask updates, the run's length) run on ``step + step_shift``: the shift
+    changes only when a run resumes with another global batch, so that the schedules continue
+    where they were by epoch (see :meth:`Trainer._continue_elastic`).
+    """
+
+    step: int = 0            # optimizer steps taken
     epoch: int = 0           # current epoch
-    batch_in_epoch: int = 0  # data position inside the epoch
+    batch_in_epoch: int = 0  # data position inside the epoch: micro-batches of each rank
+    micro_batch_global: int = 0  # samples of one micro-batch over all ranks (processes x batch)
+    accumulate: int = 1      # micro-batches per optimizer step
+    step_shift: int = 0      # schedule position - step (non-zero after an elastic resume)
     best_acc: float = -1.0
     best_step: int = -1
     wandb_id: str | None = None  # a resumed or requeued run continues the same W&B run
+
+    @property
+    def schedule_step(self) -> int:
+        return self.step + self.step_shift
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -145,20 +158,29 @@ class Trainer:
             "static" if cfg.sparsity.method in ("static", "GMP", "GMP_uniform") else cfg.sparsity.growth)
         self.flops = FlopsCounter(
             layer_cost, self.sparsifier.state.layer_densities() if self.sparsifier else None)
-        self.state = TrainState()
-        acc.register_for_checkpointing(self.state)
+        self.state = TrainState(micro_batch_global=self.loaders.train.batch_size * acc.num_processes,
+                                accumulate=cfg.optim.accumulate)
+        self.checkpointer = ck = Checkpointer(self.run_dir, cfg.checkpoint.keep_last,
+                                              acc.process_index, acc.num_processes)
+        ck.register("model", ModelState(self.model))
+        ck.register("optimizer", OptimizerState(self.model, optimizer))
+        ck.register("scheduler", self.scheduler)
+        ck.register("train_state", self.state)
         if self.sparsifier is not None:
-            acc.register_for_checkpointing(self.sparsifier)
-        if sharded:
-            acc.register_for_checkpointing(ShardedState(self.model, optimizer))
-        acc.register_for_checkpointing(self.flops)
+            ck.register("sparse_state", self.sparsifier, "--sparse")
+        ck.register("flops", self.flops)
         if self.tickets is not None:
-            acc.register_for_checkpointing(self.tickets)
-        self.checkpointer = Checkpointer(acc, self.run_dir, cfg.checkpoint.keep_last)
+            ck.register("supertickets", self.tickets, "Sup-tickets: --pre_train --cyclic_train")
+        if acc.scaler is not None:
+            ck.register("scaler", acc.scaler, "--mixed-precision fp16")
+        ck.register("rng_state", RNGState(), per_rank=True)
         self.tracker = Tracker(acc, self.run_dir, cfg.log.wandb, cfg.log.wandb_project, cfg.log.wandb_mode)
+        # Nothing in the run folder is written before the run is accepted: lock, check and load
+        # the checkpoint first (a refusal leaves the folder as it was).
+        self.lock = RunLock(self.run_dir)
+        self._resume()
         if acc.is_main_process:
             save_config(cfg, self.run_dir)
-        self._resume()
         self.preemption = Preemption(acc.device)
         self.state.wandb_id = self.tracker.start(cfg.to_dict(), self.state.wandb_id)
         if self.sparsifier is not None and self.state.step == 0:
@@ -228,13 +250,79 @@ class Trainer:
                     f"density {record['supertickets/density']:.4f}")
 
     def _resume(self) -> None:
-        path = self.checkpointer.resolve(self.cfg.checkpoint.resume)
-        if path is None:
-            return
-        meta = Checkpointer.read_meta(path)
-        Checkpointer.check_compatible(meta, self.cfg.to_dict(), path)
-        self.accelerator.load_state(str(path))
+        """Take the run folder's lock, find and verify the checkpoint (rank 0), load it on
+        every rank, then move newer abandoned checkpoints aside and rewind metrics.jsonl.
+
+        A new run in a folder that holds checkpoints, a damaged or foreign checkpoint, a folder
+        in use: CheckpointError on every rank, with the folder as it was."""
+        acc = self.accelerator
+        created = not self.run_dir.exists()
+        decision: list = [None, None]  # [checkpoint path or None, refusal message or None]
+        if acc.is_main_process:
+            try:
+                note = self.lock.acquire()
+                if note:
+                    self._print(note)
+                path = self.checkpointer.resolve(self.cfg.checkpoint.resume)
+                decision[0] = str(path) if path else None
+            except CheckpointError as err:
+                decision[1] = str(err)
+        collectives.broadcast_objects(decision)
+        try:
+            if decision[1] is not None:
+                raise CheckpointError(decision[1])
+            if decision[0] is None:
+                return
+            path = pathlib.Path(decision[0])
+            Checkpointer.check_compatible(Checkpointer.read_meta(path), self.cfg.to_dict(), path)
+            self.checkpointer.load(path)
+        except BaseException:
+            if acc.is_main_process:
+                self.lock.release()
+                if created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                    self.run_dir.rmdir()
+            raise
+        self._continue_elastic()
+        if acc.is_main_process:
+            aside = self.checkpointer.abandon_after(path)
+            if aside is not None:
+                self._print(f"moved the checkpoints after {path.name} aside to {aside} "
+                            f"(--resume auto continues from {path.name} on)")
+            dropped = self.tracker.rewind(self.state.step)
+            if dropped:
+                self._print(f"metrics.jsonl: {dropped} records after step {self.state.step} moved to "
+                            f"metrics-rewound.jsonl (those steps are trained again)")
         self._print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
+
+    def _continue_elastic(self) -> None:
+        """After loading: if the global batch changed (processes, --batch-size or
+        --grad-accum-steps), continue at the same epoch and sample position with the new steps
+        per epoch: the data resumes at the first global batch not yet started (no sample twice),
+        the LR and mask-update schedules at the same fraction of the run by epoch."""
+        st, acc = self.state, self.accelerator
+        micro = self.loaders.train.batch_size * acc.num_processes
+        k = self.cfg.optim.accumulate
+        if (st.micro_batch_global, st.accumulate) == (micro, k):
+            return
+        old_global, samples = st.micro_batch_global * st.accumulate, st.batch_in_epoch * st.micro_batch_global
+        old_position = st.schedule_step
+        steps_done = math.ceil(samples / (micro * k))  # steps of the new size already covered
+        if steps_done >= self.steps_per_epoch:
+            st.epoch, steps_done = st.epoch + 1, 0
+        st.batch_in_epoch = steps_done * k
+        st.micro_batch_global, st.accumulate = micro, k
+        st.step_shift = st.epoch * self.steps_per_epoch + steps_done - st.step
+        if self.sparsifier is not None:
+            self.sparsifier.state.step += st.schedule_step - old_position
+        scheduler = getattr(self.scheduler, "scheduler", self.scheduler)
+        scheduler.last_epoch = st.schedule_step
+        for group, base, fn in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(st.schedule_step)
+        scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self._print(f"the global batch changed from {old_global} to {micro * k} "
+                    f"({acc.num_processes} processes x {self.loaders.train.batch_size} x {k}): "
+                    f"continuing epoch {st.epoch} at sample {steps_done * micro * k} with "
+                    f"{self.steps_per_epoch} steps per epoch")
 
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
@@ -243,8 +331,10 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end (or ``--max-steps``); returns the summary also written last."""
         cfg, acc, st = self.cfg, self.accelerator, self.state
+        # The run's length is on the schedule's scale (st.schedule_step; == st.step unless an
+        # elastic resume changed the steps per epoch).
         last_step = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
-        bar = tqdm(total=last_step, initial=st.step, disable=not (acc.is_main_process and cfg.log.progress),
+        bar = tqdm(total=last_step, initial=st.schedule_step, disable=not (acc.is_main_process and cfg.log.progress),
                    dynamic_ncols=True, desc=self.run_dir.name)
         loss_sum = torch.zeros((), device=acc.device)
         correct_sum = torch.zeros((), device=acc.device)
@@ -252,17 +342,17 @@ class Trainer:
         k = cfg.optim.accumulate
         per_epoch = self.steps_per_epoch * k  # micro-batches used per epoch (the rest dropped)
         self.model.train()
-        while st.step < last_step:
+        while st.schedule_step < last_step:
             self.loaders.train.set_epoch(st.epoch, start_batch=st.batch_in_epoch)
             micro = iter(self.loaders.train)
-            while st.step < last_step and st.batch_in_epoch < per_epoch:
+            while st.schedule_step < last_step and st.batch_in_epoch < per_epoch:
                 loss, correct, count = self._train_step([next(micro) for _ in range(k)])
                 st.batch_in_epoch += k
                 loss_sum += loss
                 correct_sum += correct
                 seen, window = seen + count, window + 1
                 bar.update(1)
-                if st.step % cfg.log.log_every == 0 or st.step == last_step:
+                if st.step % cfg.log.log_every == 0 or st.schedule_step == last_step:
                     record = self._train_record(loss_sum / window, correct_sum, seen,
                                                 time.perf_counter() - tick)
                     bar.set_postfix({k.split("/")[1]: round(v, 4) for k, v in record.items()
@@ -272,7 +362,7 @@ class Trainer:
                 epoch_done = st.batch_in_epoch >= per_epoch
                 if epoch_done:
                     st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-                stop = st.step >= last_step
+                stop = st.schedule_step >= last_step
                 if epoch_done or stop or (cfg.schedule.eval_every and st.step % cfg.schedule.eval_every == 0):
                     is_best = self._evaluate()
                     if epoch_done and self.tickets is not None:
@@ -460,6 +550,8 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        if self.accelerator.is_main_process:
+            self.lock.release()
         self.preemption.close()
         self.tracker.finish()
         self.accelerator.end_training()

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from launcher.checkpoint import read_state
 from launcher.config import ConfigError, TrainConfig, parse_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -185,10 +186,8 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     part = train(f"{args} --max-steps 31", tmp_path, "part")
     assert (part / "checkpoints").is_dir()
     train(f"{args} --resume auto", tmp_path, "part")
-    a = torch.load(next((full / "checkpoints").glob("step-00000066")) / "custom_checkpoint_1.pkl",
-                   weights_only=False)
-    b = torch.load(next((part / "checkpoints").glob("step-00000066")) / "custom_checkpoint_1.pkl",
-                   weights_only=False)
+    a = read_state(full / "checkpoints" / "step-00000066", "sparse_state")
+    b = read_state(part / "checkpoints" / "step-00000066", "sparse_state")
     assert a["state"]["masks"].keys() == b["state"]["masks"].keys()
     for name in a["state"]["masks"]:
         assert torch.equal(a["state"]["masks"][name]["bits"], b["state"]["masks"][name]["bits"])
@@ -210,29 +209,33 @@ def test_resume_refuses_another_sparse_setup(tmp_path):
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
-    from accelerate import Accelerator
-
+    import launcher.checkpoint as checkpoint
     from launcher.trainer import Trainer
 
     cfg = parse_config(shlex.split(
         f"--sparse --data digits --model digits-mlp --epochs 4 --batch-size 64 --keep-last 2 "
-        f"--output-dir {tmp_path / 'r'} --device cpu --no-progress"))
+        f"--output-dir {tmp_path / 'r'} --device cpu --no-progress --no-wandb --no-plots"))
     trainer = Trainer(cfg)
     trainer.fit()
     done = trainer.checkpointer.complete()
     best = trainer.checkpointer.best()
-    assert len(done) <= 3 and done[-1].name == "step-00000088" and best in done
-    # A crash in the middle of the next save leaves every complete checkpoint as it was.
-    real_save = Accelerator.save_state
+    assert [p.name for p in done][-2:] == ["step-00000066", "step-00000088"] and best in done
+    assert len(done) == 2 + (best not in done[-2:])
+    # A crash in the middle of the next save (after some of its files) leaves every complete
+    # checkpoint as it was, and the half-written one is never taken.
+    real_write, calls = checkpoint.write_state, []
 
-    def crash(self, output_dir=None, **kw):
-        real_save(self, output_dir, **kw)
-        raise KeyboardInterrupt("killed while saving")
+    def crash(folder, name, state):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed while saving")
+        return real_write(folder, name, state)
 
-    monkeypatch.setattr(Accelerator, "save_state", crash)
+    monkeypatch.setattr(checkpoint, "write_state", crash)
     with pytest.raises(KeyboardInterrupt):
         trainer.checkpointer.save(99, {"step": 99}, is_best=True)
     assert trainer.checkpointer.complete() == done and trainer.checkpointer.best() == best
+    assert (trainer.checkpointer.root / ".tmp-step-00000099").is_dir()
     assert trainer.checkpointer.resolve("auto") == done[-1]
     trainer.close()
 
@@ -248,8 +251,8 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     ckpt = "checkpoints/step-00000044"
     wa, wb = load_file(big / ckpt / "model.safetensors"), load_file(acc / ckpt / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
-    ma = torch.load(big / ckpt / "custom_checkpoint_1.pkl", weights_only=False)["state"]["masks"]
-    mb = torch.load(acc / ckpt / "custom_checkpoint_1.pkl", weights_only=False)["state"]["masks"]
+    ma = read_state(big / ckpt, "sparse_state")["state"]["masks"]
+    mb = read_state(acc / ckpt, "sparse_state")["state"]["masks"]
     assert all(torch.equal(ma[n]["bits"], mb[n]["bits"]) for n in ma)
     assert read_metrics(acc)[-1]["step"] == 44
 
@@ -296,7 +299,7 @@ def test_stop_signal_checkpoints_then_resume_matches_uninterrupted(tmp_path):
     assert not any(r.get("summary") for r in read_metrics(out))
     assert (out / "checkpoints" / f"step-{stopped[0]['step']:08d}").is_dir()
     train(f"{args} --resume auto", tmp_path, "stopped")
-    a = torch.load(full / "checkpoints" / "step-00000132" / "custom_checkpoint_1.pkl", weights_only=False)
-    b = torch.load(out / "checkpoints" / "step-00000132" / "custom_checkpoint_1.pkl", weights_only=False)
+    a = read_state(full / "checkpoints" / "step-00000132", "sparse_state")
+    b = read_state(out / "checkpoints" / "step-00000132", "sparse_state")
     assert all(torch.equal(a["state"]["masks"][n]["bits"], b["state"]["masks"][n]["bits"]) for n in a["state"]["masks"])
     assert read_metrics(full)[-1]["final_itop_rate"] == read_metrics(out)[-1]["final_itop_rate"]
