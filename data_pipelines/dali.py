@@ -2,12 +2,14 @@
 
 One DALI pipeline per iteration of a loader (an epoch, or one pass over the validation set):
 
-* reader: ``fn.readers.file`` over an explicit file list, sharded by GLOBAL rank
-  (``shard_id`` = process index, ``num_shards`` = world size; the local rank would train
-  every machine of a multi-node run on the same fraction of the data). For training the list
-  is the epoch's permutation laid out rank chunk after rank chunk, each cut to whole batches,
-  so DALI's shard r is exactly rank r's part (``ImageNetLoader.indices``) and every rank runs
-  the same number of batches. For evaluation it is the sorted split with
+* reader: ``fn.readers.file`` over an explicit file list. For training the list is this
+  GLOBAL rank's own part of the epoch, in order (``ImageNetLoader.indices``: positions
+  s + r, s + r + W, ... of the epoch's permutation, the sharding rule of every loader,
+  ``loader.train_shard``, from the resume point s on, whole global batches only), read as
+  shard 0 of 1: every rank runs the same number of batches, and each pipeline lists only
+  its 1/W of the files. For evaluation it is the sorted split sharded by global rank
+  (``shard_id`` = process index, ``num_shards`` = world size; the local rank would evaluate
+  every machine of a multi-node run on the same fraction of the data) with
   ``pad_last_batch=True``: DALI pads every shard to the same number of batches by repeating
   its last sample, and the iterator (``LastBatchPolicy.PARTIAL`` with ``reader_name``) drops
   the padding, so each sample is counted once (a rank whose shard is one sample shorter can
@@ -19,8 +21,9 @@ One DALI pipeline per iteration of a loader (an epoch, or one pass over the vali
 * decoding ``mixed`` (nvJPEG on the GPU) when the loader is on a GPU, else a CPU pipeline
   (``device_id=None``); ``num_threads`` = ``--num-workers`` (0: min(4, CPUs)); DALI runs
   ``prefetch_queue_depth`` = 2 batches ahead of the training loop.
-* seed of the pipeline (crops, flips): derived from (seed, epoch, rank, start batch), so
-  ranks draw different crops and a resumed epoch starts from a fresh, reproducible seed.
+* seed of the pipeline (crops, flips): derived from (seed, epoch, rank, start batch), with
+  start batch = start_sample // (B W), so ranks draw different crops and a resumed epoch
+  starts from a fresh, reproducible seed.
 
 DALI's decoder errors do not name the file; on a failure the files of the batches in flight
 are checked one by one (``find_undecodable``) and the error names the bad one.
@@ -44,7 +47,6 @@ from .imagenet import (
     ImageNetLoader,
     bad_file_error,
     find_undecodable,
-    train_chunks,
     val_resize,
 )
 from .loader import derive_seed
@@ -123,43 +125,45 @@ class DaliLoader(ImageNetLoader):
 
     backend = "dali"
 
-    def _pipeline_input(self, epoch: int, start: int) -> tuple[list[int], int, int, bool]:
-        """(sample indices for the reader, shard_id, num_shards, pad_last_batch)."""
-        b, w = self.batch_size, self.world_size
+    def _pipeline_input(self, start_batch: int, order: torch.Tensor) -> tuple[list[int], int, int, bool]:
+        """(sample indices for the reader, shard_id, num_shards, pad_last_batch) of an
+        iteration yielding ``order`` (``ImageNetLoader._order``)."""
         if self.train:
-            # Every rank's remaining part, rank after rank; all have (len - start) batches,
-            # so DALI's equal shards are exactly the ranks' parts.
-            chunks = train_chunks(self.num_samples, b, w, self.seed, epoch)
-            return chunks[:, start * b:].reshape(-1).tolist(), self.rank, w, False
-        if start == 0:
-            return list(range(self.num_samples)), self.rank, w, True
+            # This rank's part from the resume point on, whole batches: the same count on
+            # every rank, so DROP discards nothing.
+            return order.tolist(), 0, 1, False
+        if start_batch == 0:
+            return list(range(self.num_samples)), self.rank, self.world_size, True
         # A resumed evaluation pass (not used by the trainer): this rank's rest, unsharded.
-        return self.indices(epoch)[start * b:].tolist(), 0, 1, True
+        return order.tolist(), 0, 1, True
 
-    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if start >= len(self):
+    def _batches(self, epoch: int, start_batch: int,
+                 order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        b = self.batch_size
+        count = -(-len(order) // b)  # batches of this iteration (training: all full)
+        if count == 0:
             return
-        order, shard_id, num_shards, pad = self._pipeline_input(epoch, start)
+        files, shard_id, num_shards, pad = self._pipeline_input(start_batch, order)
         folder = self.folder
         pipe = imagenet_pipeline(
-            file_root=str(folder.root), files=[folder.files[i] for i in order],
-            labels=folder.labels[order].tolist(), shard_id=shard_id, num_shards=num_shards,
+            file_root=str(folder.root), files=[folder.files[i] for i in files],
+            labels=folder.labels[files].tolist(), shard_id=shard_id, num_shards=num_shards,
             pad_last_batch=pad, augment=self.augment, image_size=self.image_size, gpu=self.gpu,
             fp16_output=self.fp16_output, channels_last=self.channels_last,
             batch_size=self.batch_size, num_threads=dali_threads(self.num_workers),
-            seed=derive_seed(self.seed, _DALI, epoch, self.rank, start) % 2**31)
-        k = start
+            seed=derive_seed(self.seed, _DALI, epoch, self.rank, start_batch) % 2**31)
+        j = 0  # batches of this iteration handed out
         try:
             pipe.build()
             batches = DALIGenericIterator(
                 [pipe], ["x", "y"], reader_name=READER, auto_reset=False,
                 last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
-            while k < len(self):
+            while j < count:
                 out = next(batches, None)  # DALI's copies into fresh torch tensors
-                if out is None:  # not expected: DALI yields at least len(self) batches
+                if out is None:  # not expected: DALI yields at least ``count`` batches
                     break
-                k += 1
-                if k == len(self):
+                j += 1
+                if j == count:
                     # The last batch: free the pipeline (threads, buffers) before handing it
                     # out; the trainer evaluates after it and never asks for the next one.
                     del batches, pipe
@@ -170,15 +174,14 @@ class DaliLoader(ImageNetLoader):
                     x = x.permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S), channels_last strides
                 yield x, y
         except RuntimeError as err:
-            raise self._decode_error(err, epoch, k) from None
+            raise self._decode_error(err, epoch, start_batch + j, order[j * b:(j + PREFETCH + 2) * b]) from None
         # An iteration abandoned earlier frees the pipeline when its generator is closed or
         # collected (the trainer rebinds it at the next epoch).
 
-    def _decode_error(self, err: RuntimeError, epoch: int, k: int) -> Exception:
-        """A one-line ``ValueError`` naming the file DALI failed on, found among the batches
-        in flight (k .. k + prefetch); DALI's own message if none of them is bad."""
-        window = range(k, min(len(self), k + PREFETCH + 2))
-        bad = find_undecodable(self.batch_paths(epoch, window))
+    def _decode_error(self, err: RuntimeError, epoch: int, k: int, in_flight: torch.Tensor) -> Exception:
+        """A one-line ``ValueError`` naming the file DALI failed on, found among the samples
+        ``in_flight`` (the batches k .. k + prefetch); DALI's own message if none of them is bad."""
+        bad = find_undecodable([self.folder.path(i) for i in in_flight.tolist()])
         if bad is not None:
             return bad_file_error(*bad)
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]

@@ -33,19 +33,25 @@ epoch's order): about 0.1 s to the first batch for a few thousand files, 2 s for
 Which samples a rank sees (identical for both pipelines, ``ImageNetLoader.indices``):
 
 * training, epoch e: a permutation of all N samples seeded by (seed, e), the same on every
-  rank; rank r takes the r-th of W contiguous chunks of N // W samples and drops its last
-  partial batch: every rank has ``len = (N // W) // B`` batches (10 009 for ImageNet's
-  1 281 167 images on 2 ranks x 64), the dropped remainder changes with the epoch;
+  rank; rank r takes its positions r, r + W, r + 2W, ... (strided: global step j consumes
+  positions [j B W, (j+1) B W); the rule of every loader, ``loader.train_shard``) and the
+  final partial global batch is dropped: every rank has ``len = (N // W) // B`` batches
+  (10 009 for ImageNet's 1 281 167 images on 2 ranks x 64), the dropped remainder changes
+  with the epoch;
 * evaluation: no shuffle; rank r takes samples floor(N r / W) .. floor(N (r+1) / W) - 1 (DALI's
   own shard boundaries), ``len = ceil(shard / B)``, the last batch may be smaller. Summing
   per-rank counts counts every sample exactly once.
 
 ``set_epoch(e, start_batch=k)`` resumes mid-epoch: the next iteration yields exactly the
-samples of batches k, k+1, ... of epoch e; the skipped batches are never read or decoded. The
+samples of batches k, k+1, ... of epoch e; the skipped batches are never read or decoded.
+``set_epoch(e, start_sample=s)`` (training) resumes after s GLOBAL samples of the epoch, also
+under another world size W' or batch size B' (an elastic resume): rank r yields positions
+s + r, s + r + W', ... in ``batches_left()`` = (N - s) // (B' W') batches, so no sample of the
+interrupted part is seen again; with the same W and B, s = k B W is ``start_batch=k``. The
 torchvision pipeline draws each sample's crop and flip from a generator seeded by (seed,
 epoch, sample), so a resumed epoch is identical to an uninterrupted one; DALI draws them from
-its pipeline seed (seed, epoch, rank, k), so after a resume the crops of that epoch differ
-(the samples and their order do not).
+its pipeline seed (seed, epoch, rank, s // (B W)), so after a resume the crops of that epoch
+differ (the samples and their order do not).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ import torch
 
 from .build import Loaders
 from .config import DataConfig
-from .loader import derive_seed
+from .loader import check_start_sample, derive_seed, train_batches, train_shard
 from .registry import register_loaders
 
 __all__ = [
@@ -81,6 +87,7 @@ __all__ = [
     "scan_split",
     "shard_indices",
     "train_chunks",
+    "train_permutation",
     "val_resize",
 ]
 
@@ -232,34 +239,42 @@ def bad_file_error(path: Path, why: str) -> ValueError:
 # Which samples each rank sees
 
 
-def train_chunks(num_samples: int, batch_size: int, world_size: int, seed: int, epoch: int) -> torch.Tensor:
-    """int64 (world_size, (N // W // B) * B): row r = the training samples of rank r in
-    ``epoch``, in order: chunk r of the epoch's permutation (seeded by (seed, epoch), the same
-    on every rank), cut to whole batches."""
-    per_rank = num_samples // world_size
-    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(derive_seed(seed, _SHUFFLE, epoch)))
-    used = (per_rank // batch_size) * batch_size
-    return perm[: per_rank * world_size].view(world_size, per_rank)[:, :used]
+def train_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """int64 (N,): the training order of ``epoch``, seeded by (seed, epoch), the same on every rank."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, _SHUFFLE, epoch))
+    return torch.randperm(num_samples, generator=gen)
+
+
+def train_chunks(num_samples: int, batch_size: int, world_size: int, seed: int, epoch: int,
+                 start_sample: int = 0) -> torch.Tensor:
+    """int64 (world_size, batches * B) with batches = (N - start_sample) // (B W): row r = the
+    training samples of rank r in ``epoch`` from global position ``start_sample`` on, in order
+    (``train_shard`` of the epoch's permutation)."""
+    perm = train_permutation(num_samples, seed, epoch)
+    return torch.stack([train_shard(perm, batch_size, r, world_size, start_sample) for r in range(world_size)])
 
 
 def shard_indices(num_samples: int, batch_size: int, rank: int, world_size: int, *, train: bool,
-                  seed: int = 0, epoch: int = 0) -> torch.Tensor:
+                  seed: int = 0, epoch: int = 0, start_sample: int = 0) -> torch.Tensor:
     """int64 sample indices that ``rank`` visits in ``epoch``, in order (see the module doc).
 
-    Training: row ``rank`` of ``train_chunks``. Evaluation: the contiguous range
-    floor(N r / W) .. floor(N (r+1) / W) - 1.
+    Training: positions start_sample + rank, + W, ... of the epoch's permutation, whole
+    global batches only (``train_shard``). Evaluation (``start_sample`` unused): the
+    contiguous range floor(N r / W) .. floor(N (r+1) / W) - 1.
     """
     if not train:
         return torch.arange(num_samples * rank // world_size, num_samples * (rank + 1) // world_size)
-    return train_chunks(num_samples, batch_size, world_size, seed, epoch)[rank]
+    perm = train_permutation(num_samples, seed, epoch)
+    return train_shard(perm, batch_size, rank, world_size, start_sample).clone()
 
 
 class ImageNetLoader:
     """Batches of ONE rank over one split, with the interface of ``BatchLoader``.
 
     ``len(loader)``: batches per epoch for this rank (the full epoch); ``num_samples``: samples
-    of the whole split; ``set_epoch(epoch, start_batch)``; iteration yields ``(x, y)``. The
-    subclasses (torchvision, DALI) only differ in how they turn files into batches.
+    of the whole split; ``set_epoch(epoch, start_batch=0, *, start_sample=None)``;
+    ``batches_left()``; iteration yields ``(x, y)``. The subclasses (torchvision, DALI) only
+    differ in how they turn files into batches (``_batches``).
     """
 
     backend = "base"
@@ -298,36 +313,82 @@ class ImageNetLoader:
         self.gpu = gpu
         self.num_samples: int = len(folder)
         if train:
-            self._len = (self.num_samples // world_size) // batch_size
+            self._len = train_batches(self.num_samples, batch_size, world_size)  # (N // W) // B
         else:
             shard = len(shard_indices(self.num_samples, batch_size, rank, world_size, train=False))
             self._len = math.ceil(shard / batch_size)
         self.epoch = 0
         self.start_batch = 0
+        self.start_sample = 0
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank (the full epoch, whatever ``start_batch`` is)."""
+        """Batches per epoch for this rank (the full epoch, whatever ``set_epoch`` started at)."""
         return self._len
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Make the next iteration yield epoch ``epoch`` from batch ``start_batch`` on."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch {start_batch} must be in [0, {len(self)}]")
-        self.epoch = epoch
-        self.start_batch = start_batch
+    @property
+    def samples_per_epoch(self) -> int:
+        """Global samples (all ranks together) a full training epoch consumes: len * B * W."""
+        return self._len * self.batch_size * self.world_size
 
-    def indices(self, epoch: int) -> torch.Tensor:
-        """int64 sample indices (into ``folder.files``) this rank visits in ``epoch``, in order."""
+    def set_epoch(self, epoch: int, start_batch: int = 0, *, start_sample: int | None = None) -> None:
+        """Make the next iteration yield epoch ``epoch`` from ``start_batch`` or ``start_sample`` on.
+
+        ``start_batch=k``: this rank's batches k, k+1, ... of the epoch (training: the same as
+        ``start_sample=k*B*W``). ``start_sample=s`` (training; keyword only, not with
+        ``start_batch``): resume after s GLOBAL samples of the epoch (permutation positions
+        [0, s)), possibly consumed under another world size or batch size; rank r yields
+        positions s + r, s + r + W, ... in ``batches_left()`` = (N - s) // (B*W) batches. s must
+        be in [0, num_samples].
+        """
+        b, w = self.batch_size, self.world_size
+        if start_sample is not None:
+            if start_batch != 0:
+                raise ValueError(f"set_epoch: pass start_batch ({start_batch}) or start_sample "
+                                 f"({start_sample}), not both")
+            if not self.train and start_sample != 0:
+                raise ValueError(f"start_sample {start_sample}: only training loaders resume by "
+                                 f"global sample; an evaluation loader takes start_batch")
+            start_sample = check_start_sample(start_sample, self.num_samples)
+        elif not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} must be in [0, {len(self)}]")
+        else:
+            start_sample = start_batch * b * w if self.train else 0
+        self.epoch = epoch
+        self.start_sample = start_sample
+        # The epoch's index of the first batch the iteration yields (DALI's pipeline seed).
+        self.start_batch = start_sample // (b * w) if self.train else start_batch
+
+    def batches_left(self) -> int:
+        """Batches the next iteration yields on this rank (after ``set_epoch``); the same on
+        every rank in training."""
+        if self.train:
+            return train_batches(self.num_samples, self.batch_size, self.world_size, self.start_sample)
+        return len(self) - self.start_batch
+
+    def indices(self, epoch: int, start_sample: int = 0) -> torch.Tensor:
+        """int64 sample indices (into ``folder.files``) this rank visits in ``epoch``, in order
+        (training: from global position ``start_sample`` on; evaluation: the whole shard)."""
         return shard_indices(self.num_samples, self.batch_size, self.rank, self.world_size,
-                             train=self.train, seed=self.seed, epoch=epoch)
+                             train=self.train, seed=self.seed, epoch=epoch, start_sample=start_sample)
+
+    def _order(self, epoch: int, start_sample: int, start_batch: int) -> torch.Tensor:
+        """The sample indices one iteration yields, in order (cut into batches of B; in
+        evaluation the last one may be smaller)."""
+        if self.train:
+            return self.indices(epoch, start_sample)
+        return self.indices(epoch)[start_batch * self.batch_size:]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Iterate the current epoch from ``start_batch``; the next iteration starts at batch 0."""
-        epoch, start = self.epoch, self.start_batch
-        self.start_batch = 0  # reset now, so an iteration abandoned half-way does not leak
-        return self._batches(epoch, start)
+        """Iterate the current epoch from where ``set_epoch`` put it; the next iteration starts
+        at the epoch's beginning."""
+        epoch, start_sample, start_batch = self.epoch, self.start_sample, self.start_batch
+        self.start_sample = self.start_batch = 0  # reset now: an abandoned iteration does not leak
+        return self._batches(epoch, start_batch, self._order(epoch, start_sample, start_batch))
 
-    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, epoch: int, start_batch: int,
+                 order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``order`` (from ``_order``) as batches; ``start_batch``: the epoch's index of
+        the first one."""
         raise NotImplementedError
 
     def batch_paths(self, epoch: int, batches: range) -> list[Path]:
@@ -484,8 +545,9 @@ class TorchvisionLoader(ImageNetLoader):
         super().__init__(*args, **kwargs)
         self.dataset = _DecodeCrop(self.folder, self.image_size, self.augment, self.seed)
 
-    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.indices(epoch)[start * self.batch_size:].tolist()
+    def _batches(self, epoch: int, start_batch: int,
+                 order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = order.tolist()
         if not order:
             return
         workers = self.num_workers

@@ -27,6 +27,7 @@ from data_pipelines import (
     list_datasets,
     register_dataset,
 )
+from data_pipelines.loader import derive_seed
 from conftest import FakeSet, random_set
 from models import DatasetInfo
 
@@ -329,3 +330,95 @@ def test_build_loaders_shards_by_global_rank() -> None:
     assert [r.test.num_samples for r in ranks] == [360, 360]
     assert sum(len(_collect(r.test)[1]) for r in ranks) == 360
     assert not set(ranks[0].train.indices(0).tolist()) & set(ranks[1].train.indices(0).tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic resume: set_epoch(epoch, start_sample=global samples consumed), any world size / batch
+
+
+def _ranks(n: int, world_size: int, batch_size: int, seed: int = 4) -> list[BatchLoader]:
+    return [_image_loader(n=n, seed=seed, batch_size=batch_size, rank=r, world_size=world_size)
+            for r in range(world_size)]
+
+
+def test_train_shard_is_strided_and_whole_global_batches() -> None:
+    from data_pipelines.loader import train_batches, train_positions, train_shard
+
+    order = torch.arange(100) * 10  # a stand-in permutation: entry = 10 * position
+    # W=3, B=3 from global position 40: 60 left -> 6 steps of 9, positions 40 .. 93.
+    assert train_batches(100, 3, 3, 40) == 6 and train_batches(100, 4, 2) == 12
+    assert train_positions(100, 3, 1, 3, 40) == range(41, 94, 3)
+    assert train_shard(order, 3, 1, 3, 40).tolist() == [10 * p for p in range(41, 94, 3)]
+    assert train_shard(order, 3, 2, 3, 100).tolist() == [] and train_batches(100, 3, 3, 100) == 0
+    used = torch.cat([train_shard(order, 3, r, 3, 40) for r in range(3)])
+    assert sorted(used.tolist()) == [10 * p for p in range(40, 94)]
+
+
+@pytest.mark.parametrize(("before", "after", "k", "left", "dropped"), [
+    ((2, 4), (3, 3), 5, 6, 6),   # s = 40: (100 - 40) // 9 = 6 batches, 60 - 54 = 6 dropped
+    ((2, 4), (1, 7), 5, 8, 4),   # 2 -> 1 processes: 60 // 7 = 8, 4 dropped
+    ((1, 4), (2, 3), 5, 13, 2),  # 1 -> 2 processes: s = 20, 80 // 6 = 13, 2 dropped
+    ((2, 4), (3, 3), 0, 11, 1),  # interrupted before the first step
+    ((2, 4), (3, 3), 12, 0, 4),  # interrupted after the last step: nothing left
+], ids=["2x4->3x3", "2x4->1x7", "1x4->2x3", "at-start", "at-end"])
+def test_elastic_resume_uses_every_sample_at_most_once(before, after, k, left, dropped) -> None:
+    n, epoch = 100, 3
+    (w, b), (w2, b2) = before, after
+    perm = _image_loader(n=n, seed=4, batch_size=1).indices(epoch)  # W=1, B=1: the whole order
+    first = [torch.cat([y for _, y in _epoch(loader, epoch)[:k]] or [torch.zeros(0, dtype=torch.int64)])
+             for loader in _ranks(n, w, b)]
+    s = k * b * w  # global samples consumed before the interruption
+    assert sorted(torch.cat(first).tolist()) == sorted(perm[:s].tolist())  # exactly positions [0, s)
+    resumed = _ranks(n, w2, b2)
+    rest = []
+    for r, loader in enumerate(resumed):
+        loader.set_epoch(epoch, start_sample=s)
+        assert loader.batches_left() == left and len(loader) == (n // w2) // b2  # len: the full epoch
+        batches = list(loader)
+        assert len(batches) == left and all(len(y) == b2 for _, y in batches)
+        ids = torch.cat([y for _, y in batches]) if batches else torch.zeros(0, dtype=torch.int64)
+        assert ids.tolist() == perm[s + r: s + left * b2 * w2: w2].tolist()  # strided from s
+        rest.append(ids)
+    union = torch.cat(first + rest).tolist()
+    assert len(union) == len(set(union)) == n - dropped
+    assert set(union) == set(perm[: n - dropped].tolist())  # only the new final partial batch is missing
+    # Augmentation of resumed batch j is that of batch s // (B' W') + j of rank r.
+    if left:
+        loader = resumed[w2 - 1]
+        loader.set_epoch(epoch, start_sample=s)
+        x, y = next(iter(loader))
+        gen = torch.Generator().manual_seed(derive_seed(4, 1, epoch, s // (b2 * w2), w2 - 1))
+        expect = loader.normalize(loader.augment(loader.images[y], gen))
+        assert torch.equal(x, expect)
+
+
+def test_same_setup_start_sample_is_start_batch_bit_for_bit() -> None:
+    for loader in _ranks(100, 2, 4):
+        full = _epoch(loader, 1)
+        for k in (0, 3, len(loader)):
+            loader.set_epoch(1, start_sample=k * 4 * 2)
+            assert loader.batches_left() == len(loader) - k
+            assert _same(list(loader), full[k:])
+        assert _same(list(loader), full)  # start_sample applies to one iteration only
+        assert loader.batches_left() == len(loader) == 12
+        loader.set_epoch(1, start_batch=5)
+        assert loader.start_sample == 40 and loader.batches_left() == 7
+
+
+def test_start_sample_is_validated_with_one_line_errors() -> None:
+    loader = _image_loader(n=100, batch_size=4, world_size=2)
+    for bad in (-1, 101, 1.5, "8"):
+        _one_line_error("start_sample", loader.set_epoch, 0, start_sample=bad)
+    message = _one_line_error("must be an integer in [0, 100]", loader.set_epoch, 0, start_sample=101)
+    assert message.startswith("start_sample 101 ")
+    _one_line_error("not both", loader.set_epoch, 0, 2, start_sample=8)
+    loader.set_epoch(0, start_sample=100)  # the whole epoch consumed: nothing left
+    assert loader.batches_left() == 0 and list(loader) == []
+    loader.set_epoch(0, start_sample=torch.tensor(8))  # a 0-d integer tensor from a checkpoint
+    assert loader.batches_left() == 11
+    test = _image_loader(n=100, batch_size=10, train=False)
+    _one_line_error("only training loaders", test.set_epoch, 0, start_sample=10)
+    test.set_epoch(0, start_sample=0)
+    assert test.batches_left() == len(test) == 10
+    test.set_epoch(0, start_batch=3)
+    assert test.batches_left() == 7 and len(list(test)) == 7

@@ -398,3 +398,120 @@ def test_imagenet_recipes_hold_the_reference_hyperparameters(path: pathlib.Path)
         assert (sp.sparse_init, sp.growth, sp.death, sp.death_rate, sp.update_frequency) == (
             "ERK", "gradient", "magnitude", 0.5, 4000)
         assert f"--density {sp.density} " in text and f"--multiplier {int(s.multiplier)} " in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic resume: set_epoch(epoch, start_sample=global samples consumed), any world size / batch
+
+
+def _train_ranks(tree: Tree, loader: str, world_size: int, batch_size: int, seed: int = 7) -> list[ImageNetLoader]:
+    folder = scan_split(tree.root, "train")
+    if loader == "dali":
+        from data_pipelines.dali import DaliLoader as cls
+    else:
+        cls = inet.TorchvisionLoader
+    return [cls(folder, batch_size, train=True, image_size=32, seed=seed, rank=r, world_size=world_size)
+            for r in range(world_size)]
+
+
+def _ids_from(loader: ImageNetLoader, tree: Tree, epoch: int, start_sample: int) -> tuple[list[int], list]:
+    """(sample ids, batches) of one iteration from global sample ``start_sample``."""
+    loader.set_epoch(epoch, start_sample=start_sample)
+    batches = list(loader)
+    assert all(x.shape[0] == y.shape[0] == loader.batch_size for x, y in batches)
+    ids = [i for x, y in batches for i in _identify(x, loader, tree)]
+    assert [lab for _, y in batches for lab in y.tolist()] == loader.folder.labels[ids].tolist()
+    return ids, batches
+
+
+def test_imagenet_training_shards_are_strided() -> None:
+    perm = inet.train_permutation(24, 7, 2)
+    # 24 samples, 2 ranks x 5: 2 steps of 10 -> positions 0..19, rank r takes r, r + 2, ...
+    assert inet.shard_indices(24, 5, 1, 2, train=True, seed=7, epoch=2).tolist() == perm[1:20:2].tolist()
+    assert inet.train_chunks(24, 5, 2, 7, 2).tolist() == [perm[0:20:2].tolist(), perm[1:20:2].tolist()]
+    # From global sample 8 under 3 ranks x 3: (24 - 8) // 9 = 1 step, positions 8..16.
+    late = inet.shard_indices(24, 3, 2, 3, train=True, seed=7, epoch=2, start_sample=8)
+    assert late.tolist() == perm[10:17:3].tolist()
+    assert inet.shard_indices(13, 4, 1, 2, train=False).tolist() == list(range(6, 13))  # evaluation: contiguous
+
+
+ELASTIC = [((2, 4), (3, 3), 1, 1, 7),  # s = 8: (24 - 8) // 9 = 1 batch per rank, 7 dropped
+           ((2, 4), (1, 5), 1, 3, 1),  # 2 -> 1 process: 16 // 5 = 3, 1 dropped
+           ((1, 4), (2, 3), 2, 2, 4)]  # 1 -> 2 processes: s = 8, 16 // 6 = 2, 4 dropped
+ELASTIC_IDS = ["2x4->3x3", "2x4->1x5", "1x4->2x3"]
+
+
+@pytest.mark.parametrize(("before", "after", "k", "left", "dropped"), ELASTIC, ids=ELASTIC_IDS)
+def test_torchvision_elastic_resume_uses_every_sample_at_most_once(tree: Tree, before, after, k, left,
+                                                                   dropped) -> None:
+    epoch = 1
+    (w, b), (w2, b2) = before, after
+    perm = inet.train_permutation(24, 7, epoch).tolist()
+    first = []
+    for loader in _train_ranks(tree, "torchvision", w, b):
+        loader.set_epoch(epoch)
+        for x, _ in list(loader)[:k]:  # the interrupted run's first k global steps
+            first += _identify(x, loader, tree)
+    s = k * b * w
+    assert sorted(first) == sorted(perm[:s])
+    rest = []
+    for r, loader in enumerate(_train_ranks(tree, "torchvision", w2, b2)):
+        loader.set_epoch(epoch, start_sample=s)
+        assert loader.batches_left() == left and len(loader) == (24 // w2) // b2
+        ids, _ = _ids_from(loader, tree, epoch, s)
+        assert ids == perm[s + r: s + left * b2 * w2: w2]
+        rest += ids
+    union = first + rest
+    assert len(union) == len(set(union)) == 24 - dropped
+    assert set(union) == set(perm[:24 - dropped])
+
+
+def test_torchvision_same_setup_start_sample_is_bitwise_start_batch(tree: Tree) -> None:
+    for loader in _train_ranks(tree, "torchvision", 2, 4):
+        loader.set_epoch(1)
+        full = list(loader)
+        assert len(full) == 3
+        _, rest = _ids_from(loader, tree, 1, 2 * 4 * 2)  # start_sample = k B W with k = 2
+        assert len(rest) == 1 and all(torch.equal(xa, xb) and torch.equal(ya, yb)
+                                      for (xa, ya), (xb, yb) in zip(full[2:], rest, strict=True))
+        assert loader.batches_left() == 3  # reset after the iteration
+
+
+def test_imagenet_start_sample_is_validated(tree: Tree) -> None:
+    train = _train_ranks(tree, "torchvision", 2, 4)[0]
+    message = _one_line("must be an integer in [0, 24]", train.set_epoch, 0, start_sample=25)
+    assert message.startswith("start_sample 25 ")
+    _one_line("start_sample -1 ", train.set_epoch, 0, start_sample=-1)
+    _one_line("not both", train.set_epoch, 0, 1, start_sample=8)
+    train.set_epoch(0, start_sample=24)
+    assert train.batches_left() == 0 and list(train) == []
+    test = build_loaders(_cfg(tree.root, "torchvision"), seed=0).test
+    _one_line("only training loaders", test.set_epoch, 0, start_sample=4)
+
+
+@needs_dali
+@pytest.mark.parametrize(("before", "after", "k", "left", "dropped"), [ELASTIC[0], ELASTIC[2]],
+                         ids=[ELASTIC_IDS[0], ELASTIC_IDS[2]])
+def test_dali_elastic_resume_uses_every_sample_at_most_once(tree: Tree, before, after, k, left, dropped) -> None:
+    epoch = 1
+    (w, b), (w2, b2) = before, after
+    perm = inet.train_permutation(24, 7, epoch).tolist()
+    first = []
+    for r, loader in enumerate(_train_ranks(tree, "dali", w, b)):
+        full, _ = _ids_from(loader, tree, epoch, 0)
+        assert full == perm[r: len(loader) * b * w: w]  # DALI reads the strided shard
+        first += full[:k * b]
+    s = k * b * w
+    rest = []
+    for r, loader in enumerate(_train_ranks(tree, "dali", w2, b2)):
+        loader.set_epoch(epoch, start_sample=s)
+        assert loader.batches_left() == left
+        ids, _ = _ids_from(loader, tree, epoch, s)
+        assert ids == perm[s + r: s + left * b2 * w2: w2]
+        rest += ids
+    union = first + rest
+    assert len(union) == len(set(union)) == 24 - dropped
+    assert set(union) == set(perm[:24 - dropped])
+    # Same setup: start_sample = k B W reads exactly the uninterrupted epoch's remaining samples.
+    for r, loader in enumerate(_train_ranks(tree, "dali", w, b)):
+        assert _ids_from(loader, tree, epoch, s)[0] == perm[s + r: len(loader) * b * w: w]
