@@ -120,7 +120,14 @@ def write_state(folder: pathlib.Path, name: str, state: dict) -> list[str]:
     skeleton, tensors = split_state(state)
     written = []
     if tensors:
-        save_file(tensors, str(folder / f"{name}.safetensors"))
+        path = folder / f"{name}.safetensors"
+        try:
+            save_file(tensors, str(path))
+        except SafetensorError as err:  # its I/O errors, as the OSError they are ("os error 28")
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
         written.append(f"{name}.safetensors")
     _write_atomic(folder / f"{name}.json", json.dumps(skeleton))
     written.append(f"{name}.json")
@@ -253,9 +260,16 @@ class Checkpointer:
         self.keep_last = keep_last
         self.rank, self.world_size = rank, world_size
         self.pieces: dict[str, tuple[Stateful, str, bool]] = {}
+        self.plain: set[str] = set()
 
-    def register(self, name: str, obj: Stateful, setting: str = "", per_rank: bool = False) -> None:
+    def register(self, name: str, obj: Stateful, setting: str = "", per_rank: bool = False,
+                 plain: bool = False) -> None:
+        """``plain``: a small state of numbers and strings whose keys and types are checked
+        against the object's own ``state_dict()`` before loading (a crafted or damaged file
+        stops the resume instead of surfacing as a wrong type later)."""
         self.pieces[name] = (obj, setting, per_rank)
+        if plain:
+            self.plain.add(name)
 
     # --- finding ---------------------------------------------------------------------------
     def step_dirs(self) -> list[pathlib.Path]:
@@ -277,7 +291,8 @@ class Checkpointer:
         try:
             name = json.loads(marker.read_text())["name"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-            log.warning("%s is unreadable (%s); no checkpoint is marked best", marker, _first_line(err))
+            print(f"itop-train: warning: {marker} is unreadable ({_first_line(err)}); no checkpoint "
+                  f"is marked best until the next evaluation", flush=True)
             return None
         path = self.root / str(name)
         return path if step_of(path) is not None and (path / MANIFEST).is_file() else None
@@ -306,7 +321,6 @@ class Checkpointer:
                 verify(path)
                 return path
             except CheckpointError as err:
-                log.warning("skipping damaged checkpoint: %s", err)
                 print(f"itop-train: warning: skipping damaged checkpoint: {err}", flush=True)
         if found:
             raise CheckpointError(f"--resume auto: none of the {len(found)} checkpoints in {self.root} "
@@ -409,6 +423,8 @@ class Checkpointer:
                 if per_rank and not (path / f"{file}.json").exists():
                     continue  # more ranks than the run that saved it: this rank keeps its own RNG
                 states[name] = read_state(path, file)
+                if name in self.plain:
+                    _check_like(states[name], self.pieces[name][0].state_dict(), path / f"{file}.json")
             meta = _read_json(path / META)
         except CheckpointError as err:
             error = err
@@ -465,6 +481,37 @@ class Checkpointer:
 # The flag behind each optional piece, for checkpoints that hold one this run does not register.
 _SETTINGS = {"sparse_state": "--sparse", "supertickets": "Sup-tickets: --pre_train --cyclic_train",
              "scaler": "--mixed-precision fp16"}
+
+
+def _check_like(loaded, reference, file: pathlib.Path, where: str = "") -> None:
+    """Raise CheckpointError unless ``loaded`` has the keys and value types of ``reference``
+    (ints may stand for floats; a None in the reference admits any plain value)."""
+    def fail(why: str):
+        raise CheckpointError(f"{file}: {where or 'the top level'} {why}; resume from another checkpoint")
+
+    if reference is None:
+        if not (loaded is None or isinstance(loaded, (bool, int, float, str))):
+            fail(f"should be a plain value, found {type(loaded).__name__}")
+    elif isinstance(reference, dict):
+        if not isinstance(loaded, dict):
+            fail(f"should be an object, found {type(loaded).__name__}")
+        if set(loaded) != set(reference):
+            fail(f"has keys {sorted(loaded)}, expected {sorted(reference)}")
+        for key in reference:
+            _check_like(loaded[key], reference[key], file, f"{where}.{key}" if where else key)
+    elif isinstance(reference, (list, tuple)):
+        if not isinstance(loaded, list) or len(loaded) != len(reference):
+            fail(f"should be a list of {len(reference)}, found {loaded!r:.40}")
+        for i, (a, b) in enumerate(zip(loaded, reference)):
+            _check_like(a, b, file, f"{where}[{i}]")
+    elif isinstance(reference, bool) or isinstance(loaded, bool):
+        if type(loaded) is not type(reference):
+            fail(f"should be {type(reference).__name__}, found {type(loaded).__name__}")
+    elif isinstance(reference, float):
+        if not isinstance(loaded, (int, float)):
+            fail(f"should be a number, found {type(loaded).__name__}")
+    elif type(loaded) is not type(reference):
+        fail(f"should be {type(reference).__name__}, found {type(loaded).__name__}")
 
 
 def _lookup(tree: dict, dotted: str):
@@ -554,7 +601,7 @@ class RunLock:
             return True
         except (PermissionError, ValueError, TypeError, OverflowError):
             return False
-        return int(owner["pid"]) == me["pid"]
+        return False  # alive
 
     def release(self) -> None:
         if self.held:

@@ -164,15 +164,15 @@ class Trainer:
                                               acc.process_index, acc.num_processes)
         ck.register("model", ModelState(self.model))
         ck.register("optimizer", OptimizerState(self.model, optimizer))
-        ck.register("scheduler", self.scheduler)
-        ck.register("train_state", self.state)
+        ck.register("scheduler", self.scheduler, plain=True)
+        ck.register("train_state", self.state, plain=True)
         if self.sparsifier is not None:
             ck.register("sparse_state", self.sparsifier, "--sparse")
-        ck.register("flops", self.flops)
+        ck.register("flops", self.flops, plain=True)
         if self.tickets is not None:
             ck.register("supertickets", self.tickets, "Sup-tickets: --pre_train --cyclic_train")
         if acc.scaler is not None:
-            ck.register("scaler", acc.scaler, "--mixed-precision fp16")
+            ck.register("scaler", acc.scaler, "--mixed-precision fp16", plain=True)
         ck.register("rng_state", RNGState(), per_rank=True)
         self.tracker = Tracker(acc, self.run_dir, cfg.log.wandb, cfg.log.wandb_project, cfg.log.wandb_mode)
         # Nothing in the run folder is written before the run is accepted: lock, check and load
