@@ -220,6 +220,15 @@ class Sparsifier:
         """Explored fraction of the masked weights since the start (R_s, spec section 7)."""
         return self.state.itop_rate
 
+    @property
+    def at_final_density(self) -> bool:
+        """True when the masks are at the run's target density (``final_density``; for methods
+        that do not prune gradually, ``density``), up to the per-layer rounding of exact counts
+        (at most one weight per layer). Dense-to-sparse methods are at it only once pruning has
+        ended, so that no denser model is reported beside the final density."""
+        tolerance = len(self.state.masks) / self.state.masked_params
+        return abs(self.density - self.config.final_density) <= tolerance
+
     # --- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"state": self.state.state_dict(), "config": self.config.to_dict()}

@@ -57,8 +57,9 @@ class TrainState:
     micro_batch_global: int = 0  # samples of one micro-batch over all ranks (processes x batch)
     accumulate: int = 1      # micro-batches per optimizer step
     step_shift: int = 0      # schedule position - step (non-zero after an elastic resume)
-    best_acc: float = -1.0
+    best_acc: float = -1.0   # best validation accuracy AT THE TARGET DENSITY (-1: none yet)
     best_step: int = -1
+    best_density: float = -1.0
     wandb_id: str | None = None  # a resumed or requeued run continues the same W&B run
 
     @property
@@ -109,6 +110,9 @@ class Trainer:
         self._new_model = lambda: models.create_model(
             cfg.model.name, data, num_classes=self.loaders.num_classes, **kwargs)
         model = self._new_model()
+        if cfg.model.initial_checkpoint:  # start from exported weights (launcher/export.py)
+            from launcher.export import load_initial_weights
+            self._print(load_initial_weights(model, cfg.model.initial_checkpoint, cfg.sparse))
         self.channels_last = cfg.model.channels_last
         if self.channels_last is None:
             self.channels_last = acc.device.type == "cuda" and len(self.loaders.input_shape) == 3
@@ -367,7 +371,7 @@ class Trainer:
                     is_best = self._evaluate()
                     if epoch_done and self.tickets is not None:
                         self._tickets_epoch_end()
-                    if epoch_done or stop or self._save_due():
+                    if epoch_done or stop or is_best or self._save_due():  # the best is kept
                         self._save(is_best)
                 elif self._save_due():
                     self._save(False)
@@ -508,8 +512,12 @@ class Trainer:
                     f"test acc {test_acc:.4f} " + " ".join(
                         f"{k} {record[k]:.4f}" for k in SHOWN if k in record))
         self.last_eval = record
-        if val_acc > self.state.best_acc:
-            self.state.best_acc, self.state.best_step = val_acc, self.state.step
+        # "Best" is chosen only among evaluations at the target density: a dense-to-sparse run
+        # is more accurate while still denser, and that model is not the one the run promises.
+        at_target = self.sparsifier is None or self.sparsifier.at_final_density
+        if at_target and val_acc > self.state.best_acc:
+            st = self.state
+            st.best_acc, st.best_step, st.best_density = val_acc, st.step, record["sparsity/density"]
             return True
         return False
 
@@ -528,10 +536,14 @@ class Trainer:
 
     def _summary(self) -> dict:
         last = getattr(self, "last_eval", None) or {}
+        found = self.state.best_step >= 0
         summary = {
             "summary": True, "step": self.state.step, "epoch": self.state.epoch,
             "final_val_acc": last.get("val/acc"), "final_test_acc": last.get("test/acc"),
-            "best_val_acc": self.state.best_acc, "best_step": self.state.best_step,
+            # Among evaluations at the target density only (None: the run never reached it).
+            "best_val_acc": self.state.best_acc if found else None,
+            "best_step": self.state.best_step if found else None,
+            "best_density": self.state.best_density if found else None,
             "selected_on": "val" if self.loaders.val is not None else "test (no validation split)",
             "world_size": self.accelerator.num_processes, "sharding": "fsdp" if self.sharded else "ddp",
             "ranks_identical": True,  # _verify_replicas raised otherwise

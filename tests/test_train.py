@@ -201,11 +201,10 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
 
 def test_resume_refuses_another_sparse_setup(tmp_path):
     args = "--sparse --data digits --model digits-mlp --epochs 1 --batch-size 64 --density 0.1"
+    from test_checkpoints import refused
+
     run = train(args, tmp_path, "a")
-    proc = subprocess.run([sys.executable, "-m", "launcher.train", *shlex.split(args.replace("0.1", "0.2")),
-                           "--resume", "auto", "--output-dir", str(run), "--device", "cpu"],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 2 and "sparsity.density=0.1" in proc.stderr, proc.stderr
+    refused(f"{args.replace('0.1', '0.2')} --resume auto --device cpu", run, "sparsity.density=0.1")
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
@@ -303,3 +302,32 @@ def test_stop_signal_checkpoints_then_resume_matches_uninterrupted(tmp_path):
     b = read_state(out / "checkpoints" / "step-00000132", "sparse_state")
     assert all(torch.equal(a["state"]["masks"][n]["bits"], b["state"]["masks"][n]["bits"]) for n in a["state"]["masks"])
     assert read_metrics(full)[-1]["final_itop_rate"] == read_metrics(out)[-1]["final_itop_rate"]
+
+
+GRADUAL = "--init-density {init} --final-density 0.02 --init-prune-epoch 0 --final-prune-epoch 2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["DST", "static", "GraNet", "GraNet_uniform", "GMP", "GMP_uniform"])
+def test_best_is_chosen_at_the_target_density_only(tmp_path, method):
+    """Pruned to 2% by epoch 2 of 3, the model is less accurate than it was while denser: the
+    best must still be one of the evaluations at 2% (and best.json must point to it)."""
+    gradual = method.startswith(("GraNet", "GMP"))
+    density = GRADUAL.format(init=1 if method.startswith("GMP") else 0.5) if gradual else "--density 0.02"
+    out = train(f"--sparse --method {method} {density} --data digits --model digits-mlp --epochs 3 "
+                f"--batch-size 64 --lr 0.05 --update_frequency 5 --eval-every 5 --no-wandb --no-plots",
+                tmp_path, method)
+    records = read_metrics(out)
+    summary = records[-1]
+    evals = [r for r in records if "val/acc" in r]
+    at_target = [r for r in evals if abs(r["sparsity/density"] - 0.02) < 1e-3]
+    assert at_target and summary["final_density"] == pytest.approx(0.02, abs=1e-3)
+    best = max(at_target, key=lambda r: r["val/acc"])
+    assert (summary["best_val_acc"], summary["best_step"]) == (best["val/acc"], best["step"])
+    assert summary["best_density"] == best["sparsity/density"]
+    assert json.loads((out / "checkpoints" / "best.json").read_text())["name"] == f"step-{best['step']:08d}"
+    denser = [r for r in evals if r["sparsity/density"] > 0.021]
+    if gradual:  # the case this guards: a denser model beat every model at the target
+        assert denser and max(r["val/acc"] for r in denser) > best["val/acc"]
+    else:
+        assert not denser and at_target == evals
