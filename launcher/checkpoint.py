@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from itop_dist import collectives
+from launcher.config import identity_diff
 
 log = logging.getLogger("itop_dist.train")
 
@@ -57,10 +58,6 @@ MANIFEST = "manifest.json"
 META = "meta.json"
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
-# The settings a checkpoint can only be resumed with (the rest may change, e.g. --max-steps).
-IDENTITY_KEYS = ("model.name", "data.name", "sparse", "sparsity.method", "sparsity.density",
-                 "sparsity.final_density",
-                 "sparsity.sparse_init", "sparsity.growth", "sparsity.death")
 
 
 class CheckpointError(ValueError):
@@ -467,15 +464,20 @@ class Checkpointer:
 
     @staticmethod
     def check_compatible(meta: dict, config: dict, path: pathlib.Path) -> None:
-        """Refuse to resume a checkpoint of a different model, data set or sparse set-up."""
-        saved = meta.get("config", {}) if isinstance(meta, dict) else {}
-        for key in IDENTITY_KEYS:
-            theirs, ours = _lookup(saved, key), _lookup(config, key)
-            if theirs != ours:
-                raise CheckpointError(
-                    f"--resume: {path} was trained with {key}={theirs!r}, this run has "
-                    f"{key}={ours!r}; use the same settings or a new --output-dir"
-                )
+        """Refuse to continue a checkpoint of another run: any setting of the run's identity
+        (``launcher.config.identity``: all but epochs, cadences, data location and the machine)
+        that differs is named."""
+        saved = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"--resume: {path / META} holds no run configuration; resume from "
+                                  f"another checkpoint")
+        diff = identity_diff(saved, config)
+        if diff:
+            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise CheckpointError(
+                f"--resume: {path} belongs to another run: {'; '.join(diff[:3])}{more}; resume with "
+                f"its settings, or leave out --resume and choose a new --output-dir (the default "
+                f"folder is named after the settings)")
 
 
 # The flag behind each optional piece, for checkpoints that hold one this run does not register.
@@ -512,12 +514,6 @@ def _check_like(loaded, reference, file: pathlib.Path, where: str = "") -> None:
             fail(f"should be a number, found {type(loaded).__name__}")
     elif type(loaded) is not type(reference):
         fail(f"should be {type(reference).__name__}, found {type(loaded).__name__}")
-
-
-def _lookup(tree: dict, dotted: str):
-    for key in dotted.split("."):
-        tree = tree.get(key, {}) if isinstance(tree, dict) else {}
-    return tree
 
 
 def _agree_on_error(error: Exception | None) -> Exception | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import sys
 import pathlib
 import tomllib
@@ -32,6 +34,9 @@ class ModelConfig:
     name: str = "digits-mlp"
     init: str | None = None
     channels_last: bool | None = None
+    # --initial-checkpoint: start from these weights (a model.safetensors, an itop-export folder
+    # or a checkpoint folder); with --sparse the run's own init decides the masks.
+    initial_checkpoint: str | None = None
 
 
 @dataclass
@@ -211,14 +216,60 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> pathlib.Path:
+        """``--output-dir``, or ``runs/<readable parts>-<identity hash>``: one folder per run, so
+        two runs that differ in any setting of their identity never share a folder."""
         if self.log.output_dir:
             return pathlib.Path(self.log.output_dir)
-        method = self.sparsity.method if self.sparse else "dense"
-        density = f"-d{self.sparsity.density:g}" if self.sparse else ""
-        return pathlib.Path("runs") / f"{self.model.name}-{self.data.name}-{method}{density}-s{self.seed}"
+        s = self.sparsity
+        if self.sparse:
+            method = s.method if s.method != "DST" else f"{s.growth}"
+            density = f"-d{s.density:g}" + (f"-f{s.final_density:g}" if s.final_density != s.density else "")
+        else:
+            method, density = "dense", ""
+        return pathlib.Path("runs") / (f"{self.model.name}-{self.data.name}-{method}{density}-s{self.seed}-"
+                                       f"{identity_hash(self.to_dict())}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Settings that may change when a run is resumed; every other setting is the run's identity.
+# Epochs may be extended; cadences of logs, evaluations and checkpoints, where the data lies and
+# how it is decoded, and the machine (device, processes, sharding, and so the per-process batch
+# and accumulation: the elastic rule of launcher/trainer.py) may change.
+RESUMABLE = ("schedule.epochs", "schedule.max_steps", "schedule.eval_every", "checkpoint.", "log.",
+             "data.data_dir", "data.download", "data.num_workers", "data.loader", "data.batch_size",
+             "data.test_batch_size", "optim.accumulate", "device", "sharding", "model.channels_last",
+             "model.initial_checkpoint", "tickets.label")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def identity(config: dict) -> dict:
+    """The run's identity: its whole resolved configuration (``TrainConfig.to_dict()``, flat,
+    dotted keys) minus :data:`RESUMABLE`."""
+    return {k: v for k, v in _flat(config).items()
+            if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
+
+
+def identity_hash(config: dict) -> str:
+    """8 hex digits of the SHA-256 of the identity (canonical JSON): the run folder's suffix."""
+    blob = json.dumps(identity(config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def identity_diff(saved: dict, config: dict) -> list[str]:
+    """``key: saved -> now`` for every identity setting that differs (sorted)."""
+    a, b = identity(saved), identity(config)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _check(ok: bool, flag: str, why: str) -> None:
@@ -303,6 +354,8 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--model", "--arch", "-a"), "model.name", str, "model name (itop-inspect --help lists datasets)"),
     (("-c", "--init"), "model.init", str, "ImageNet ResNet-50 init: fanin or classic"),
     (("--channels-last",), "model.channels_last", _bool, "true/false (default: on CUDA conv nets)"),
+    (("--initial-checkpoint",), "model.initial_checkpoint", str,
+     "start from these weights: model.safetensors, an itop-export or checkpoint folder"),
     (("--data",), "data.name", str, "digits, mnist, cifar10, cifar100, synthetic"),
     (("--data-dir", "--datadir"), "data.data_dir", str, "dataset root (torchvision format)"),
     (("--download",), "data.download", True, "let torchvision download the dataset"),

@@ -390,12 +390,27 @@ def test_a_new_run_in_a_folder_with_checkpoints_is_refused(run):
 
 @pytest.mark.slow
 def test_refused_resumes_leave_the_folder_as_it_was(run):
-    refused(f"{RUN} --density 0.2 --resume auto", run, "sparsity.density=0.1")
+    refused(f"{RUN} --density 0.2 --resume auto", run, "sparsity.density: 0.1 -> 0.2")
     refused(f"{RUN} --pre_train --cyclic_train --cycle 1 --cycle_rate 0.5 --resume auto", run,
-            "lacks the supertickets state", "Sup-tickets")
+            "belongs to another run", "tickets.enabled: False -> True")
+    # The same run continued with another multiplier or LR is another run (the SLURM scripts
+    # always pass --resume auto: this must not silently continue the 1x run).
+    refused(f"{RUN} --multiplier 2 --resume auto", run, "schedule.multiplier: 1.0 -> 2.0")
+    refused(f"{RUN} --lr 0.5 --resume auto", run, "optim.lr: 0.1 -> 0.5")
     refused(f"{RUN} --resume {run / 'checkpoints' / 'step-00000007'}", run, "is not a folder")
     (run / ".lock").write_text(json.dumps({"pid": 1, "host": "another-node", "job": None}))
     refused(f"{RUN} --resume auto", run, "in use by another run (PID 1 on another-node)")
+
+
+@pytest.mark.slow
+def test_a_piece_of_state_the_run_does_not_have_is_named(run, capsys):
+    """Beside the identity check: a checkpoint holding Sup-tickets state, resumed without it."""
+    path = ckpt(run, 44)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["pieces"].append("supertickets")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    refused_here(f"{RUN} --resume {path}", run, capsys, "holds the supertickets state",
+                 "Sup-tickets: --pre_train --cyclic_train", "this run has it off")
 
 
 @pytest.mark.slow
@@ -478,7 +493,7 @@ def epoch_samples(world: int, batch: int) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("before,after", [
     (("ddp", 2), ("ddp", 3)), (("ddp", 1), ("ddp", 2)), (("ddp", 2), ("ddp", 1)),
-    (("fsdp", 2), ("fsdp", 3)), (("ddp", 2), ("fsdp", 2)), (("fsdp", 2), ("ddp", 2)),
+    (("fsdp", 2), ("fsdp", 3)), (("ddp", 2), ("fsdp", 3)), (("fsdp", 2), ("ddp", 1)),
 ], ids=lambda s: f"{s[0]}{s[1]}")
 def test_resume_with_another_world_size_or_mode_ends_at_the_requested_epoch(tmp_path, before, after):
     (mode_a, world_a), (mode_b, world_b) = before, after

@@ -204,7 +204,7 @@ def test_resume_refuses_another_sparse_setup(tmp_path):
     from test_checkpoints import refused
 
     run = train(args, tmp_path, "a")
-    refused(f"{args.replace('0.1', '0.2')} --resume auto --device cpu", run, "sparsity.density=0.1")
+    refused(f"{args.replace('0.1', '0.2')} --resume auto --device cpu", run, "sparsity.density: 0.1 -> 0.2")
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
@@ -331,3 +331,24 @@ def test_best_is_chosen_at_the_target_density_only(tmp_path, method):
         assert denser and max(r["val/acc"] for r in denser) > best["val/acc"]
     else:
         assert not denser and at_target == evals
+
+
+README_DIGITS = ("--sparse --density 0.05 --update_frequency 50 --data digits --model digits-mlp "
+                 "--epochs 100 --batch-size 64 --lr 0.05")
+
+
+def test_every_readme_command_and_recipe_gets_its_own_default_folder():
+    """SET, RigL, momentum, static: one folder each (they shared one before); the 20 recipes
+    map to 20 folders; and a setting of the identity (here the LR or the multiplier) moves it."""
+    commands = [f"{README_DIGITS} --growth {g}" for g in ("random", "gradient", "momentum")]
+    commands += [f"{README_DIGITS} --fix", f"{README_DIGITS} --growth random --lr 0.5",
+                 f"{README_DIGITS} --growth random --multiplier 2"]
+    folders = [parse_config(shlex.split(c)).run_dir for c in commands]
+    assert len(set(folders)) == len(commands), folders
+    assert folders[0].name.startswith("digits-mlp-digits-random-d0.05-s17-")
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(recipes) == 20
+    assert len({parse_config(["--config", str(r)]).run_dir for r in recipes}) == 20
+    # What may change on resume does not move the folder.
+    same = parse_config(shlex.split(f"{commands[0]} --epochs 200 --log-interval 5 --keep-last 9 --batch-size 32"))
+    assert same.run_dir == folders[0]
