@@ -99,7 +99,7 @@ class UpdateReport:
     def __str__(self) -> str:
         return (
             f"step {self.step}: pruned {self.pruned}, regrew {self.regrown} (rate {self.rate:.4f}), "
-            f"density {self.density:.4f}. The percentage of the total fired weights is {self.itop_rate}"
+            f"density {self.density:.4f}. The percentage of the total fired weights is {self.itop_rate:.4f}"
         )
 
 

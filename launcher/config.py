@@ -19,6 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+import torch
 import yaml
 
 import models
@@ -191,15 +192,19 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
     seed: int = 17
-    mixed_precision: str = "no"
+    mixed_precision: str = "launcher"
     device: str = "auto"
     sharding: str = "ddp"
 
     def __post_init__(self) -> None:
         self.sparsity.seed = self.seed  # masks are drawn from --seed, identically on every rank
-        _check(self.mixed_precision in ("no", "bf16", "fp16", "auto"), "--mixed-precision",
-               f"{self.mixed_precision!r}: choose no, bf16, fp16 or auto (bf16 where the GPU has it)")
+        _check(self.mixed_precision in ("launcher", "no", "bf16", "fp16", "auto"), "--mixed-precision",
+               f"{self.mixed_precision!r}: choose launcher (accelerate launch's --mixed_precision or "
+               f"config file; default), no, bf16, fp16 or auto (bf16 where the GPU has it)")
         _check(self.device in ("auto", "cpu", "cuda"), "--device", "choose auto, cpu or cuda")
+        _check(self.device != "cuda" or torch.cuda.is_available(), "--device",
+               "cuda: no GPU is visible here (torch.cuda.is_available() is False); use --device cpu "
+               "or auto")
         _check(self.sharding in ("ddp", "fsdp"), "--sharding", f"{self.sharding!r}: choose ddp or fsdp")
         _check(not (self.sharding == "fsdp" and self.mixed_precision == "fp16"), "--mixed-precision",
                "fp16 with --sharding fsdp is not supported; use bf16")
@@ -369,6 +374,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--decode-device",), "data.decode_device", str, "ImageNet JPEG decoding: auto, cpu or gpu"),
     (("--fp16-output",), "data.fp16_output", True, "ImageNet batches in fp16"),
     (("--sparse",), "sparse", True, "train a sparse network (dense without it)"),
+    (("--dense",), "sparse", False, "train the dense model; sparse flags given beside it are ignored"),
     (("--method",), "sparsity.method", str,
      "DST (SET/RigL by --growth), static, GraNet, GraNet_uniform, GMP, GMP_uniform"),
     (("--fix",), "sparsity.method", "static", "static sparse training: never update masks"),
@@ -431,7 +437,8 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--superposing_method",), "tickets.superposing", str, "CAA or CIMA"),
     (("--CIMA_factor",), "tickets.cima_factor", float, "CIMA's superposition factor"),
     (("--indicate_method",), "tickets.label", str, "a label for the run (Sup-tickets' scripts)"),
-    (("--mixed-precision",), "mixed_precision", str, "no, bf16, fp16"),
+    (("--mixed-precision",), "mixed_precision", str,
+     "launcher (accelerate launch's choice, else no), no, bf16, fp16, auto"),
     (("--fp16",), "mixed_precision", "fp16", "same as --mixed-precision fp16"),
     (("--device",), "device", str, "auto, cpu or cuda"),
     (("--sharding",), "sharding", str, "ddp (replicated) or fsdp (FSDP2, sharded)"),
@@ -516,12 +523,29 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         given.setdefault("data.data_dir", given.pop("data_dir_positional"))
         given.pop("data_dir_positional", None)
     tree = load_file(given.pop("config")) if "config" in given else {}
+    _refuse_ignored_sparse_flags(given, tree)
     for path, value in given.items():
         set_path(tree, path, value)
     try:
         return from_dict(TrainConfig, tree)
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err).splitlines()[0]) from None
+
+
+def _refuse_ignored_sparse_flags(given: dict, file_tree: dict) -> None:
+    """Sparse settings without ``--sparse`` would silently train the dense model: refuse, unless
+    the dense model is asked for explicitly (``--dense``, or ``sparse: false`` in the file, as the
+    papers' dense commands pass their sparse flags too)."""
+    if "sparse" in given or (isinstance(file_tree, dict) and "sparse" in file_tree):
+        return
+    flags = {path: flags[0] for flags, path, _, _ in FLAGS}
+    ignored = [flags.get(p, p) for p in given if p.startswith("sparsity.")]
+    if isinstance(file_tree, dict) and isinstance(file_tree.get("sparsity"), dict):
+        ignored += [f"sparsity.{k} (config file)" for k in file_tree["sparsity"]]
+    if ignored:
+        raise ConfigError(f"{', '.join(dict.fromkeys(ignored))} given without --sparse would train the "
+                          f"dense model; add --sparse for a sparse run, or --dense to train the dense "
+                          f"model and ignore them")
 
 
 def save_config(cfg: TrainConfig, folder: pathlib.Path) -> pathlib.Path:

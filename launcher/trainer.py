@@ -27,7 +27,7 @@ from data_pipelines import BatchLoader, build_loaders
 from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, total_steps
 from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
-from launcher.config import ScheduleConfig, TrainConfig, save_config
+from launcher.config import ConfigError, ScheduleConfig, TrainConfig, save_config
 from launcher import plots
 from launcher.parallel import ModelState, OptimizerState, apply_fsdp, full_state_dict
 from launcher.preemption import Preemption
@@ -100,6 +100,9 @@ class Trainer:
             step_scheduler_with_optimizer=False,  # the schedule is defined per optimizer step
             log_with="wandb" if cfg.log.wandb and wandb_available() else None,
         )
+        if acc.mixed_precision == "fp16" and acc.device.type != "cuda":
+            raise ConfigError(f"--mixed-precision fp16 (or the launcher's fp16): fp16 needs a CUDA GPU, "
+                              f"this run is on {acc.device.type}; use bf16 or no")
         set_seed(cfg.seed)  # the same on every rank: identical initial weights and masks
         self.loaders = build_loaders(cfg.data, seed=cfg.seed, rank=acc.process_index,
                                      world_size=acc.num_processes)
@@ -189,6 +192,7 @@ class Trainer:
         self.state.wandb_id = self.tracker.start(cfg.to_dict(), self.state.wandb_id)
         if self.sparsifier is not None and self.state.step == 0:
             self.tracker.log_layers(self.sparsifier.state.layer_densities(), step=0)
+        self._header()
 
     # ------------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -328,9 +332,47 @@ class Trainer:
                     f"continuing epoch {st.epoch} at sample {steps_done * micro * k} with "
                     f"{self.steps_per_epoch} steps per epoch")
 
+    def _header(self) -> None:
+        """What the run is, printed once at the start (rank 0); the same values go to the W&B
+        config's ``run`` section."""
+        cfg, acc, st = self.cfg, self.accelerator, self.state
+        info = {"run_dir": str(self.run_dir), "device": str(acc.device), "world_size": acc.num_processes,
+                "distributed_type": acc.distributed_type.value, "precision": acc.mixed_precision,
+                "sharding": "fsdp" if self.sharded else "ddp", "model": cfg.model.name,
+                "params_total": sum(p.numel() for p in self.model.parameters()),
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "global_batch": st.micro_batch_global * st.accumulate,
+                "method": self.tracker.method_line(cfg.to_dict()),
+                "selected_on": "val" if self.loaders.val is not None else "test (no validation split)"}
+        params = f"{info['params_total']:,} parameters"
+        if self.sparsifier is not None:
+            sp = self.sparsifier
+            info["params_masked"] = sp.state.masked_params
+            info["params_nonzero_at_target"] = (  # the masks themselves once at the target
+                sum(int(m.sum()) for m in sp.masks.values()) if sp.at_final_density
+                else round(sp.state.masked_params * sp.config.final_density))
+            info["target_density"] = sp.config.final_density
+            params += (f", {info['params_masked']:,} masked, {info['params_nonzero_at_target']:,} "
+                       f"non-zero masked at density {sp.config.final_density:g}")
+        self.tracker.update_config({"run": info})
+        stop = f", stopping at step {cfg.schedule.max_steps} (--max-steps)" if cfg.schedule.max_steps else ""
+        lines = [
+            f"run: {self.run_dir}" + (f" (resumed at step {st.step})" if st.step else ""),
+            f"device: {acc.device}, world size {acc.num_processes} ({info['distributed_type']}), "
+            f"precision {acc.mixed_precision}, sharding {info['sharding']}",
+            f"model: {cfg.model.name}, {params}",
+            f"steps: {self.steps_per_epoch} per epoch, {self.total_steps} in all "
+            f"({self.epochs} epoch{'s' if self.epochs != 1 else ''}, global batch {info['global_batch']}){stop}",
+            f"method: {info['method']}",
+        ]
+        if self.loaders.val is None:
+            lines.append("no validation split: the best model is selected on the test set")
+        self._print("\n".join(lines))
+
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
-            tqdm.write(text)
+            with tqdm.external_write_mode():  # above a bar; flushed, for SLURM logs
+                print(text, flush=True)
 
     def fit(self) -> dict:
         """Train to the end (or ``--max-steps``); returns the summary also written last."""
@@ -338,8 +380,12 @@ class Trainer:
         # The run's length is on the schedule's scale (st.schedule_step; == st.step unless an
         # elastic resume changed the steps per epoch).
         last_step = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
-        bar = tqdm(total=last_step, initial=st.schedule_step, disable=not (acc.is_main_process and cfg.log.progress),
+        # disable=None: tqdm turns itself off when its stream (stderr) is not a terminal (SLURM
+        # logs, pipes); then the log lines every --log-interval steps are the progress.
+        bar = tqdm(total=last_step, initial=st.schedule_step,
+                   disable=None if acc.is_main_process and cfg.log.progress else True,
                    dynamic_ncols=True, desc=self.run_dir.name)
+        started, start_step = time.perf_counter(), st.schedule_step  # for the log lines' eta
         loss_sum = torch.zeros((), device=acc.device)
         correct_sum = torch.zeros((), device=acc.device)
         seen, window, tick = 0, 0, time.perf_counter()
@@ -361,6 +407,9 @@ class Trainer:
                                                 time.perf_counter() - tick)
                     bar.set_postfix({k.split("/")[1]: round(v, 4) for k, v in record.items()
                                      if k in ("train/loss", "train/acc", "sparsity/density", "itop/rate")})
+                    eta = ((time.perf_counter() - started) / (st.schedule_step - start_step)
+                           * (last_step - st.schedule_step))
+                    self._print(self.tracker.log_line(st.step, last_step - st.step_shift, st.epoch, record, eta))
                     loss_sum.zero_(), correct_sum.zero_()
                     seen, window, tick = 0, 0, time.perf_counter()
                 epoch_done = st.batch_in_epoch >= per_epoch
@@ -508,7 +557,8 @@ class Trainer:
         record = {"val/loss": val_loss, "val/acc": val_acc, "test/loss": test_loss,
                   "test/acc": test_acc, **self._sparse_numbers()}
         self.tracker.log(record, self.state.step, self.state.epoch)
-        self._print(f"step {self.state.step} epoch {self.state.epoch}: val acc {val_acc:.4f} "
+        val = f"val acc {val_acc:.4f} " if self.loaders.val is not None else ""  # else val IS test
+        self._print(f"step {self.state.step} epoch {self.state.epoch}: {val}"
                     f"test acc {test_acc:.4f} " + " ".join(
                         f"{k} {record[k]:.4f}" for k in SHOWN if k in record))
         self.last_eval = record
@@ -555,7 +605,7 @@ class Trainer:
                             "superposed_test_acc": self.last_superposed["supertickets/acc"],
                             "superposed_density": self.last_superposed["supertickets/density"],
                             "last_ticket_test_acc": summary["final_test_acc"]})
-        self.tracker.log(summary, self.state.step, self.state.epoch)
+        self.tracker.summary(summary, self.state.step, self.state.epoch)  # W&B: run summary, not history
         self._print("summary: " + json.dumps(summary))
         if self.cfg.log.plots and self.accelerator.is_main_process:
             plots.write_plots(self.run_dir / "metrics.jsonl", self.run_dir)
@@ -587,7 +637,11 @@ def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Op
 
 
 def _resolve_precision(cfg: TrainConfig) -> str:
-    """``auto``: bf16 on GPUs that support it, full precision elsewhere."""
+    """``launcher`` (the default): what ``accelerate launch`` was told (its
+    ``--mixed_precision`` or config file, passed as ACCELERATE_MIXED_PRECISION), else ``no``;
+    ``auto``: bf16 on GPUs that support it, full precision elsewhere."""
+    if cfg.mixed_precision == "launcher":
+        return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
     gpu = cfg.device != "cpu" and torch.cuda.is_available()

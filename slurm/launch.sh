@@ -30,7 +30,12 @@
 #                        host of WANDB_BASE_URL, else api.wandb.ai:443); unreachable: the run
 #                        logs offline (`--wandb-mode offline`). `none` skips the probe. An explicit
 #                        --wandb-mode or --no-wandb, or WANDB_MODE, always wins
-#   ITOP_DRY_RUN=1       print what would run, run nothing
+#   ITOP_DRY_RUN=1       print what would run, run nothing. Outside a SLURM job too: then the
+#                        job is described by options before the recipe,
+#                          ITOP_DRY_RUN=1 slurm/launch.sh --nodes N --gpus-per-node G [--machine-rank R] [recipe]
+#                        (defaults 1 node, this machine's GPUs, machine 0; job id 0; the head
+#                        node is this host unless ITOP_HEAD_ADDR; ITOP_DEVICE=cpu with
+#                        ITOP_PROCS_PER_NODE instead of --gpus-per-node for CPU nodes)
 #
 # Signals. SLURM's warning (`#SBATCH --signal=USR1@T`: every process of the step gets SIGUSR1
 # T seconds before the time limit) and SIGTERM (preemption, scancel, the time limit itself)
@@ -45,8 +50,32 @@ set -euo pipefail
 
 die() { echo "slurm/launch.sh: error: $*" >&2; exit 2; }
 
-[[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job; submit an sbatch script from slurm/"
-[[ -n "${SLURM_STEP_ID:-}" && "${SLURM_STEP_ID}" != "batch" && "${SLURM_STEP_ID}" != "4294967294" ]] \
+# A dry run outside a job: the job it would be comes from --nodes/--gpus-per-node/--machine-rank.
+OUTSIDE=0
+if [[ -z "${SLURM_JOB_ID:-}" && "${ITOP_DRY_RUN:-0}" == 1 ]]; then
+    OUTSIDE=1 nodes=1 gpus= rank=0
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --nodes|--gpus-per-node|--machine-rank)
+                [[ $# -ge 2 ]] || die "$1 needs a value"
+                case "$1" in --nodes) nodes=$2 ;; --gpus-per-node) gpus=$2 ;; *) rank=$2 ;; esac
+                shift 2 ;;
+            --nodes=*) nodes=${1#*=}; shift ;;
+            --gpus-per-node=*) gpus=${1#*=}; shift ;;
+            --machine-rank=*) rank=${1#*=}; shift ;;
+            --) shift; break ;;
+            *) break ;;
+        esac
+    done
+    [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes $nodes: a positive number of nodes"
+    [[ -z "$gpus" || "$gpus" =~ ^[0-9]+$ ]] || die "--gpus-per-node $gpus: a number of GPUs"
+    [[ "$rank" =~ ^[0-9]+$ && "$rank" -lt "$nodes" ]] || die "--machine-rank $rank: from 0 to $((nodes - 1))"
+    SLURM_JOB_ID=0 SLURM_PROCID=$rank SLURM_STEP_NUM_TASKS=$nodes
+    [[ -z "$gpus" ]] || SLURM_GPUS_ON_NODE=$gpus
+    echo "launch: dry run outside SLURM: as machine $rank of a $nodes-node job"
+fi
+[[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job; submit an sbatch script from slurm/ (or preview with ITOP_DRY_RUN=1 slurm/launch.sh --nodes N --gpus-per-node G)"
+[[ "$OUTSIDE" == 1 || ( -n "${SLURM_STEP_ID:-}" && "${SLURM_STEP_ID}" != "batch" && "${SLURM_STEP_ID}" != "4294967294" ) ]] \
     || die "run me with srun, once per node: the machine rank must be evaluated inside each task"
 
 ITOP_ROOT=${ITOP_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
@@ -60,7 +89,12 @@ fi
 # --- where am I: evaluated in this task -------------------------------------------------------
 MACHINE_RANK=${SLURM_PROCID:?}
 NUM_MACHINES=${SLURM_STEP_NUM_TASKS:-${SLURM_NTASKS:?}}
-HEAD=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n1)
+if [[ "$OUTSIDE" == 1 ]]; then  # no scontrol needed: this host is the head unless told
+    ITOP_HEAD_ADDR=${ITOP_HEAD_ADDR:-${HOSTNAME:-localhost}}
+    HEAD=$ITOP_HEAD_ADDR
+else
+    HEAD=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n1)
+fi
 if [[ -z "${ITOP_HEAD_ADDR:-}" ]]; then
     ITOP_HEAD_ADDR=$(scontrol show node "$HEAD" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n1)
     ITOP_HEAD_ADDR=${ITOP_HEAD_ADDR:-$HEAD}

@@ -317,3 +317,36 @@ def test_wandb_keeps_every_step_across_the_requeue(preempted):
     first, second = [wandb_steps(next(p.glob("run-*.wandb"))) for p in sorted((out / "wandb").glob("offline-run-*"))]
     assert first and max(first) == stop, (max(first, default=None), stop)
     assert min(second) == stop + 1 and max(second) == STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# ITOP_DRY_RUN=1 outside a SLURM job (no cluster, no scontrol needed)
+
+
+def test_dry_run_outside_a_job_previews_each_node(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_", "CUDA_VISIBLE"))}
+    env.update({"PATH": "/usr/bin:/bin", "ITOP_DRY_RUN": "1", "ITOP_WANDB_PROBE": "none",
+                "ITOP_VENV": str(tmp_path / "no-venv"), "ITOP_ROOT": str(REPO), "ITOP_HEAD_ADDR": "10.0.0.5"})
+
+    def launch(*args: str, **extra: str):
+        proc = subprocess.run(["bash", str(LAUNCH), *args], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=60)
+        return proc, (shlex.split(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else [])
+
+    for rank in ("0", "1"):
+        proc, cmd = launch("--nodes", "2", "--gpus-per-node", "8", "--machine-rank", rank, "--config", "configs/x.yaml")
+        assert proc.returncode == 0, proc.stderr
+        assert cmd[:2] == ["accelerate", "launch"] and "--multi_gpu" in cmd
+        assert option(cmd, "--num_machines") == "2" and option(cmd, "--num_processes") == "16"
+        assert option(cmd, "--machine_rank") == rank and option(cmd, "--main_process_ip") == "10.0.0.5"
+        assert option(cmd, "--main_process_port") == "15000"  # job id 0
+        assert cmd[-2:] == ["--config", "configs/x.yaml"] and "--nodes" not in cmd
+        assert f"machine {rank}/2" in proc.stdout
+    _, cmd = launch("--nodes=1", "--gpus-per-node=1", "--sparse")  # one GPU: no rendezvous
+    assert option(cmd, "--num_processes") == "1" and "--multi_gpu" not in cmd and cmd[-1] == "--sparse"
+    _, cmd = launch("--nodes", "3", "--sparse", ITOP_DEVICE="cpu", ITOP_PROCS_PER_NODE="2")
+    assert option(cmd, "--num_processes") == "6" and option(cmd, "--machine_rank") == "0"
+    proc, _ = launch("--nodes", "2", "--machine-rank", "2")
+    assert proc.returncode == 2 and "--machine-rank 2" in proc.stderr
+    proc, _ = launch("--nodes", "2", ITOP_DRY_RUN="0")  # a real launch still needs a job
+    assert proc.returncode == 2 and "not inside a SLURM job" in proc.stderr

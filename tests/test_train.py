@@ -19,7 +19,7 @@ SEED_COMMON = ("--seed 18 --sparse_init ERK --lr 0.1 --density 0.05 --epochs 250
 # The ITOP README's CIFAR commands, exactly (dense; SET-ITOP; RigL-ITOP; both extended 5x),
 # with the config file that holds each recipe.
 SEED_COMMANDS = {
-    "cifar10_vgg-c_dense.yaml": f"{SEED_COMMON} --multiplier 1 --update_frequency 1500 --growth random",
+    "cifar10_vgg-c_dense.yaml": f"--dense {SEED_COMMON} --multiplier 1 --update_frequency 1500 --growth random",
     "cifar10_vgg-c_set_itop.yaml": f"--sparse {SEED_COMMON} --multiplier 1 --update_frequency 1500 --growth random",
     "cifar10_vgg-c_rigl_itop.yaml": f"--sparse {SEED_COMMON} --multiplier 1 --update_frequency 4000 --growth gradient",
     "cifar10_vgg-c_set_itop_5x.yaml": f"--sparse {SEED_COMMON} --multiplier 5 --update_frequency 1500 --growth random",
@@ -78,14 +78,14 @@ def test_seed_commands_run_on_a_tiny_on_disk_cifar(recipe, fake_cifar10_large, t
 
 
 def test_underscore_and_dash_spellings_are_one_flag():
-    a = parse_config(["--update_frequency", "7", "--death-rate", "0.3", "--sparse_init", "uniform"])
-    b = parse_config(["--update-frequency", "7", "--death_rate", "0.3", "--sparse-init", "uniform"])
+    a = parse_config(["--sparse", "--update_frequency", "7", "--death-rate", "0.3", "--sparse_init", "uniform"])
+    b = parse_config(["--sparse", "--update-frequency", "7", "--death_rate", "0.3", "--sparse-init", "uniform"])
     assert a == b and a.sparsity.update_frequency == 7
 
 
 def test_cli_overrides_config_file(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('seed = 3\n[sparsity]\ndensity = 0.2\ngrowth = "gradient"\n')
+    path.write_text('seed = 3\nsparse = true\n[sparsity]\ndensity = 0.2\ngrowth = "gradient"\n')
     cfg = parse_config(["--config", str(path), "--density", "0.1"])
     assert cfg.seed == 3 and cfg.sparsity.growth == "gradient" and cfg.sparsity.density == 0.1
 
@@ -352,3 +352,28 @@ def test_every_readme_command_and_recipe_gets_its_own_default_folder():
     # What may change on resume does not move the folder.
     same = parse_config(shlex.split(f"{commands[0]} --epochs 200 --log-interval 5 --keep-last 9 --batch-size 32"))
     assert same.run_dir == folders[0]
+
+
+def test_sparse_flags_without_sparse_are_refused_and_dense_is_explicit():
+    with pytest.raises(ConfigError, match=r"^--density, --growth given without --sparse would train "
+                                          r"the dense model; add --sparse .* or --dense"):
+        parse_config(["--density", "0.1", "--growth", "gradient"])
+    assert not parse_config(["--dense", "--density", "0.1"]).sparse
+    assert parse_config(["--sparse", "--density", "0.1"]).sparsity.density == 0.1
+
+
+def test_the_launchers_precision_stands_and_impossible_devices_are_refused(tmp_path, monkeypatch):
+    from launcher.trainer import _resolve_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    assert _resolve_precision(parse_config([])) == "bf16"
+    assert _resolve_precision(parse_config(["--mixed-precision", "no"])) == "no"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert _resolve_precision(parse_config([])) == "no"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device: cuda: no GPU is visible here"):
+            parse_config(["--device", "cuda"])
+        from launcher.train import main
+
+        assert main(["--mixed-precision", "fp16", "--device", "cpu", "--output-dir", str(tmp_path / "r")]) == 2
+        assert not (tmp_path / "r").exists()
