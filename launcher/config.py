@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import pathlib
 import tomllib
@@ -286,49 +287,96 @@ def _check(ok: bool, flag: str, why: str) -> None:
 # Building the tree from nested dicts
 
 
+class BadValue(ValueError):
+    """A value of the wrong type at config key ``key`` (dotted); ``parse_config`` names the
+    flag or the file it came from."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"config: {key} {why}")
+        self.key, self.why = key, why
+
+
 def from_dict(cls: type, values: dict, where: str = "") -> typing.Any:
-    """Instantiate dataclass ``cls`` from a nested dict; unknown keys raise ValueError."""
+    """Instantiate dataclass ``cls`` from a nested dict, every value checked against its field's
+    type first (sections must be mappings; bools are not numbers; numbers are finite; list
+    elements typed). Raises BadValue (a ValueError) for a wrong type, ValueError otherwise."""
+    if not isinstance(values, dict):
+        raise BadValue(where.rstrip(".") or "the top level",
+                       f"must be a section (a mapping of keys), got {_shown(values)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)
     if unknown:
         raise ValueError(f"config: unknown key {where}{unknown[0]!r}; known: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, f"{where}{key}.")
-        elif value is not None:
-            value = _coerce(hint, value, f"{where}{key}")
-        kwargs[key] = value
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(hint, value, f"{where}{key}")
     return cls(**kwargs)
 
 
+def _shown(value) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+
+
 def _coerce(hint, value, key: str):
-    """Lists to tuples, ints to floats where the field is a float; a clear error otherwise."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if (typing.get_origin(hint) in (typing.Union, types.UnionType) and args) else hint
+    """``value`` as field type ``hint``: lists (or one scalar) to typed tuples, ints to floats;
+    BadValue naming the key and the expected type otherwise."""
+    args = typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    base = next(a for a in args if a is not type(None)) if union else hint
+    if value is None:
+        if union and type(None) in args:
+            return None
+        raise BadValue(key, f"must be {_expected(base)}, got null")
     if typing.get_origin(base) is tuple:
-        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        kind = typing.get_args(base)[0]
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(kind, v, f"{key}[{i}]") for i, v in enumerate(items))
+    if base is bool and not isinstance(value, bool):
+        raise BadValue(key, f"must be true or false, got {_shown(value)}")
+    if base in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                 or (base is int and not isinstance(value, int))):
+        raise BadValue(key, f"must be {_expected(base)}, got {_shown(value)}")
+    if base is float:
+        if not math.isfinite(value):
+            raise BadValue(key, f"must be a finite number, got {value!r}")
         return float(value)
-    if base in (int, float, str, bool) and not isinstance(value, base):
-        raise ValueError(f"config: {key} must be {base.__name__}, got {value!r}")
+    if base is str and not isinstance(value, str):
+        raise BadValue(key, f"must be a string, got {_shown(value)}")
     return value
 
 
+def _expected(base) -> str:
+    if typing.get_origin(base) is tuple:
+        return f"a list of {_expected(typing.get_args(base)[0])}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        base, getattr(base, "__name__", str(base)))
+
+
 def load_file(path: str) -> dict:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a nested dict."""
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a nested dict (its top level
+    must be a mapping of sections). Raises ConfigError naming the file."""
     p = pathlib.Path(path)
     if not p.is_file():
-        raise ValueError(f"--config: {path} does not exist; pass a YAML or TOML file")
+        raise ConfigError(f"--config: {path} does not exist; pass a YAML or TOML file")
     try:
-        if p.suffix == ".toml":
-            return tomllib.loads(p.read_text())
-        return yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+        tree = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not a text file (not UTF-8); pass a YAML or TOML "
+                          f"file") from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"--config: {path} is not valid {p.suffix[1:].upper()}: "
-                         f"{str(err).splitlines()[0]}") from None
+        raise ConfigError(f"--config: {path} is not valid {p.suffix[1:].upper() or 'YAML'}: "
+                          f"{str(err).splitlines()[0]}") from None
+    tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config: {path}: the top level must be a mapping of sections "
+                          f"(model:, data:, sparsity:, ...), got {_shown(tree)}")
+    return tree
 
 
 def set_path(tree: dict, dotted: str, value) -> None:
@@ -522,13 +570,30 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if "data_dir_positional" in given:
         given.setdefault("data.data_dir", given.pop("data_dir_positional"))
         given.pop("data_dir_positional", None)
-    tree = load_file(given.pop("config")) if "config" in given else {}
+    file = given.pop("config", None)
+    tree = load_file(file) if file else {}
     _refuse_ignored_sparse_flags(given, tree)
+    if file:  # the file's own types first, so that its errors name the file and the key
+        _named(lambda: from_dict(TrainConfig, tree), given, file, types_only=True)
     for path, value in given.items():
         set_path(tree, path, value)
+    return _named(lambda: from_dict(TrainConfig, tree), given, file)
+
+
+def _named(build, given: dict, file: str | None, types_only: bool = False):
+    """Run ``build``; a BadValue names the flag it came from, or the file and key; any other
+    ValueError/TypeError of the configuration becomes a ConfigError (one line)."""
     try:
-        return from_dict(TrainConfig, tree)
+        return build()
+    except BadValue as err:
+        flags = {path: flags[0] for flags, path, _, _ in FLAGS}
+        root = err.key.split("[")[0]
+        if root in given:
+            raise ConfigError(f"{flags.get(root, root)}: {err.why}") from None
+        raise ConfigError(f"--config {file}: {err.key} {err.why}" if file else str(err)) from None
     except (ValueError, TypeError) as err:
+        if types_only:
+            return None  # combinations are checked once the flags are applied
         raise ConfigError(str(err).splitlines()[0]) from None
 
 

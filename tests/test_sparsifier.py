@@ -192,7 +192,7 @@ def test_itop_rate_is_union_over_time_and_reported():
         if report is not None:
             for n, m in sp.masks.items():
                 union[n] |= m
-            assert f"The percentage of the total fired weights is {report.itop_rate}" in str(report)
+            assert f"The percentage of the total fired weights is {report.itop_rate:.4f}" in str(report)
             rates.append(report.itop_rate)
     total = sum(m.numel() for m in union.values())
     assert sp.itop_rate == sum(int(u.sum()) for u in union.values()) / total
@@ -254,3 +254,187 @@ def test_sparse_core_never_imports_the_rest():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in {"models", "data_pipelines", "launcher"}, path
+
+
+# --- every optimizer state follows the masks; dense layers are never explored ----------------
+
+OPTIMIZERS = {
+    # name: (factory, the per-weight state tensors it must keep, besides the scalar ``step``)
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+            {"momentum_buffer"}),
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=5e-4, amsgrad=True),
+             {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2),
+              {"exp_avg", "exp_avg_sq"}),
+}
+
+
+def per_weight_state(opt, p, expected: set[str]) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors of p's shape, by name; the names must be ``expected``."""
+    state = {k: v for k, v in opt.state[p].items() if k != "step"}
+    assert set(state) == expected and all(v.shape == p.shape for v in state.values())
+    return state
+
+
+def capture_grown(sp) -> list[dict[str, torch.Tensor]]:
+    """Record the positions each update grows (including weights pruned and regrown at once)."""
+    seen, update = [], sp.method.update
+
+    def recording(inputs):
+        result = update(inputs)
+        seen.append({n: g.clone() for n, g in result.grown.items()})
+        return result
+
+    sp.method.update = recording
+    return seen
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_every_optimizer_state_is_zero_where_masked_and_where_regrown(opt_name):
+    factory, names = OPTIMIZERS[opt_name]
+    torch.manual_seed(0)
+    model = TinyConvNet()
+    opt = factory(model.parameters())
+    cfg = SparseConfig(density=0.3, growth="gradient", update_frequency=4, death_rate=0.5,
+                       regrow_reinit_zero=True)
+    sp = Sparsifier(model, opt, cfg, total_steps=24)
+    grown_log = capture_grown(sp)
+    gen = torch.Generator().manual_seed(5)
+    updates = 0
+    for _ in range(24):
+        train_step(model, opt, gen)
+        report = sp.step()
+        for name, p in sp.params.items():
+            off = ~sp.masks[name]
+            assert torch.equal(p.detach()[off], torch.zeros(int(off.sum())))  # exactly 0
+            for key, t in per_weight_state(opt, p, names).items():
+                assert not t[off].any(), f"{key} of masked-off {name} not zero"
+        if report is None:
+            continue
+        updates += 1
+        grown = grown_log[-1]
+        assert sum(int(g.sum()) for g in grown.values()) == report.regrown > 0
+        for name, p in sp.params.items():
+            g = grown[name]
+            assert not (g & ~sp.masks[name]).any()
+            assert not p.detach()[g].any(), f"regrown {name} not 0 after the update"
+            for key, t in per_weight_state(opt, p, names).items():
+                assert not t[g].any(), f"{key} of regrown {name} not zero"
+        # With fresh state a regrown weight does not move on a zero gradient (Adam's stale
+        # moments moved it by about lr per step).
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for name, p in sp.params.items():
+            assert not p.detach()[grown[name]].any(), f"regrown {name} moved on a zero gradient"
+        sp.apply_masks()
+    assert updates == 6
+
+
+class TinyMLP(nn.Module):
+    """ERK at density 0.2 makes the small first and last layers dense, the middle ones sparse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                 nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def mlp_step(model, opt, gen):
+    x, y = torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def fake_gradients(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+VARIANTS = [(m, "random", "none") for m in list_methods() if m != "DST"] + [
+    ("DST", growth, redistribution)
+    for growth in sorted(GROW_FNS) for redistribution in ("none", "magnitude", "nonzeros")
+]
+
+
+@pytest.mark.parametrize("method,growth,redistribution", VARIANTS)
+def test_dense_layers_are_never_pruned_or_regrown(method, growth, redistribution):
+    gradual = method not in ("DST", "static")
+    if method.startswith("GraNet"):
+        growth = "gradient"
+    # Gradual methods: the pruning window [0, 1 epoch] closes before their first update at
+    # step 4 (c1 = 0), so every update is a prune-and-regrow one (or none, for GMP).
+    cfg = SparseConfig(method=method, density=0.2, final_density=0.1 if gradual else None,
+                       init_prune_epoch=0, final_prune_epoch=1, update_frequency=4, death_rate=0.5,
+                       growth=growth, redistribution=redistribution, regrow_reinit_zero=True)
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sp = Sparsifier(model, opt, cfg, total_steps=40, epoch_steps=2)
+    dense = {n for n, m in sp.masks.items() if bool(m.all())}
+    expected_dense = set(sp.masks) if method == "GMP" else {"net.0.weight", "net.6.weight"}
+    assert dense == expected_dense
+    gen = torch.Generator().manual_seed(6)
+
+    def check(update):
+        before = {n: sp.params[n].detach().clone() for n in dense}
+        state = {n: opt.state[sp.params[n]]["momentum_buffer"].clone() for n in dense}
+        report = update()
+        for n in dense:
+            assert torch.equal(sp.params[n].detach(), before[n]), f"dense {n} changed by {method}"
+            assert torch.equal(opt.state[sp.params[n]]["momentum_buffer"], state[n])
+            assert bool(sp.masks[n].all())
+            if report is not None:
+                assert report.layer_densities[n] == 1.0
+        return report
+
+    for i in range(8):  # the training loop's own updates (steps 4 and 8)
+        mlp_step(model, opt, gen)
+        check(sp.step)
+    for seed in range(3):  # explicit updates with a fake gradient, and Sup-tickets' re-explore
+        fake_gradients(model, seed)
+        sp.apply_masks()
+        report = check(sp.update)
+        if method in ("DST", "GraNet", "GraNet_uniform"):
+            assert report.pruned > 0 and report.pruned == report.regrown
+        check(lambda: sp.update(rate=0.5))
+
+
+@pytest.mark.parametrize("redistribution", ["none", "magnitude", "nonzeros"])
+def test_weights_zeroed_per_update_are_exactly_those_the_sparse_layers_prune(redistribution):
+    cfg = SparseConfig(density=0.2, growth="gradient", update_frequency=4, death_rate=0.3,
+                       redistribution=redistribution, regrow_reinit_zero=True)
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sp = Sparsifier(model, opt, cfg, total_steps=40)
+    dense = {n for n, m in sp.masks.items() if bool(m.all())}
+    assert dense == {"net.0.weight", "net.6.weight"}
+    gen = torch.Generator().manual_seed(7)
+    for i in range(3):
+        for _ in range(3):
+            mlp_step(model, opt, gen)
+            assert sp.step() is None
+        mlp_step(model, opt, gen)
+        sp.apply_masks()  # what step() does before it updates
+        masks = {n: m.clone() for n, m in sp.masks.items()}
+        with torch.no_grad():  # a regrown weight whose inputs stayed dead is still exactly 0
+            for n, p in sp.params.items():
+                p[masks[n] & (p == 0)] = 1e-4
+        before = {n: p.detach().clone() for n, p in sp.params.items()}
+        assert all(bool((before[n] != 0).eq(masks[n]).all()) for n in masks)  # active <=> non-zero
+        report = sp.step()
+        assert report is not None and sp.state.step == 4 * (i + 1)
+        zeroed = {n: int(((before[n] != 0) & (p.detach() == 0)).sum()) for n, p in sp.params.items()}
+        assert all(zeroed[n] == 0 for n in dense)
+        assert sum(zeroed.values()) == report.pruned == report.regrown > 0
+        if redistribution == "none":
+            expected = {n: math.ceil(report.rate * int(masks[n].sum())) for n in masks if n not in dense}
+            assert {n: zeroed[n] for n in expected} == expected
+            assert sp.state.nonzeros() == {n: int(m.sum()) for n, m in masks.items()}
+        assert sum(sp.state.nonzeros().values()) == sum(int(m.sum()) for m in masks.values())

@@ -377,3 +377,37 @@ def test_the_launchers_precision_stands_and_impossible_devices_are_refused(tmp_p
 
         assert main(["--mixed-precision", "fp16", "--device", "cpu", "--output-dir", str(tmp_path / "r")]) == 2
         assert not (tmp_path / "r").exists()
+
+
+BAD_FILES = {
+    "section as a scalar": ("c.yaml", "sparsity: 0.05\n", "c.yaml: sparsity must be a section (a mapping of keys), got float 0.05"),
+    "top-level list": ("c.yaml", "- sparse\n", "c.yaml: the top level must be a mapping of sections"),
+    "null section": ("c.yaml", "optim: null\n", "c.yaml: optim must be a section (a mapping of keys), got null"),
+    "wrong element type": ("c.yaml", "sparse: true\nsparsity:\n  exclude: 5\n",
+                           "c.yaml: sparsity.exclude[0] must be a string, got int 5"),
+    "bool for an int (TOML)": ("c.toml", "[data]\nbatch_size = true\n",
+                               "c.toml: data.batch_size must be an integer, got bool True"),
+    "milestones as strings": ("c.yaml", "schedule:\n  milestones: ['0.5', '0.75']\n",
+                              "c.yaml: schedule.milestones[0] must be a number, got str '0.5'"),
+    "binary file": ("c.yaml", b"\x7fELF\x02\x01\x01\x00\xff\xfe", "c.yaml is not a text file (not UTF-8)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_a_bad_config_file_names_the_file_the_key_and_the_type(tmp_path, kind):
+    name, text, expected = BAD_FILES[kind]
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", str(path)])
+    assert str(path.parent) in str(err.value) and expected in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--epochs", "inf", "--epochs: must be a finite number, got inf"),
+    ("--lr", "nan", "--lr: must be a finite number, got nan"),
+])
+def test_non_finite_flags_are_refused(flag, value, expected):
+    with pytest.raises(ConfigError, match=f"^{expected}$"):
+        parse_config([flag, value])
