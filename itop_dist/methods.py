@@ -79,6 +79,7 @@ class Method:
     name = "method"
     needs_grads = False
     needs_momenta = False
+    updates_masks = True  # False: the masks never change (static sparse training)
 
     def __init__(self, config: SparseConfig, total_steps: int, epoch_steps: float | None = None) -> None:
         self.config = config
@@ -113,8 +114,16 @@ class Method:
 class Static(Method):
     """Static sparse training (``--fix``): the initial masks never change."""
 
+    updates_masks = False
+
     def is_update_step(self, step: int) -> bool:
         return False
+
+    def update(self, inputs: UpdateInputs) -> UpdateResult:
+        """An explicit update (``Sparsifier.update()``) keeps the masks: nothing is pruned."""
+        masks = dict(inputs.masks)
+        return UpdateResult(masks, {n: torch.zeros_like(m) for n, m in masks.items()}, 0.0,
+                            pruned={n: 0 for n in masks}, regrown={n: 0 for n in masks})
 
 
 @register_method("DST")
@@ -148,30 +157,41 @@ def prune_and_regrow(
     (``redistribution='none'``) or a share of the total removed (otherwise) is regrown by
     ``growth`` among the positions inactive after pruning, which include the just-pruned ones.
     The total number of non-zeros is unchanged exactly; with ``none`` every layer's is.
+
+    A dense layer (every mask bit on, e.g. a small layer ERK made dense) has nothing to
+    explore: it is neither pruned nor regrown, and redistribution sends it nothing (its share
+    is left out). Layer ``i`` draws from ``mask_generator(seed, update, i)`` either way.
     """
     masks, weights = inputs.masks, inputs.weights
     names = list(masks)
+    explored = [n for n in names if not bool(masks[n].all())]
     shares = (
-        topology.redistribution_weights(redistribution, weights, masks)
+        topology.redistribution_weights(redistribution, {n: weights[n] for n in explored},
+                                        {n: masks[n] for n in explored})
         if redistribution != "none" else None
     )
     pruned_masks, removed = {}, {}
-    for name in names:
+    for name in explored:
         mask = masks[name]
         nnz = int(mask.sum())
         r = rate
         if shares is not None:
-            r = topology.layer_prune_rate(rate, 1 - nnz / mask.numel(), shares[name], len(names))
+            r = topology.layer_prune_rate(rate, 1 - nnz / mask.numel(), shares[name], len(explored))
         pruned = topology.PRUNE_FNS[death](weights[name], mask, math.ceil(r * nnz), threshold=threshold)
         pruned_masks[name] = pruned
         removed[name] = nnz - int(pruned.sum())
     if shares is None:
         grow_counts = removed
     else:
-        caps = {n: pruned_masks[n].numel() - int(pruned_masks[n].sum()) for n in names}
+        caps = {n: pruned_masks[n].numel() - int(pruned_masks[n].sum()) for n in explored}
         grow_counts = topology.allocate(sum(removed.values()), shares, caps)
-    new_masks, grown_masks = {}, {}
+    new_masks, grown_masks, pruned_counts, grown_counts = {}, {}, {}, {}
     for i, name in enumerate(names):
+        if name not in pruned_masks:  # dense: unchanged
+            new_masks[name] = masks[name]
+            grown_masks[name] = torch.zeros_like(masks[name])
+            pruned_counts[name] = grown_counts[name] = 0
+            continue
         grown = topology.GROW_FNS[growth](
             pruned_masks[name],
             grow_counts[name],
@@ -181,7 +201,8 @@ def prune_and_regrow(
         )
         new_masks[name] = pruned_masks[name] | grown
         grown_masks[name] = grown
-    return UpdateResult(new_masks, grown_masks, rate, pruned=removed, regrown=dict(grow_counts))
+        pruned_counts[name], grown_counts[name] = removed[name], grow_counts[name]
+    return UpdateResult(new_masks, grown_masks, rate, pruned=pruned_counts, regrown=grown_counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +246,9 @@ def uniform_magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, t
         per_layer = {n: (0.2 if n == fc else max(rest, 0.0)) for n in names}
     out = {}
     for n in names:
+        if per_layer[n] >= 1.0:  # the layer's target is dense: nothing to prune
+            out[n] = masks[n]
+            continue
         scores = torch.where(masks[n], weights[n].detach().abs().float(), -1.0)
         out[n] = topology.select_k(scores, min(int(numel[n] * per_layer[n]), int(masks[n].sum())))
     return out

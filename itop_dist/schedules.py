@@ -67,3 +67,37 @@ class UpdateSchedule:
         if self.frequency is None:
             return []
         return list(range(self.frequency, self.last_step + 1, self.frequency))
+
+
+def schedule_problem(method, update_until: int, run_steps: int, epoch_steps: float,
+                     final_density: float) -> str | None:
+    """Why a sparse schedule cannot do what its settings say, or None if it can.
+
+    ``method``: an ``itop_dist.methods.Method`` (``is_update_step``; gradual methods also
+    ``target_density`` and ``k``); mask updates happen at steps s <= min(update_until, run_steps).
+    Checks: at least one mask update happens (methods that update at all); a gradual method's
+    pruning window holds an update step and its last prune, the one that reaches
+    ``final_density``, falls inside the run. The message names the flags and a value that works.
+    """
+    last = min(update_until, run_steps)
+    updates = [s for s in range(1, last + 1) if method.is_update_step(s)]
+    if not hasattr(method, "target_density"):
+        if not updates and method.updates_masks:
+            return (f"no mask update happens before the updates stop at step {last} (--update_stop "
+                    f"{method.config.update_stop:g} of {run_steps} steps): use --update_frequency <= "
+                    f"{max(1, last)} or a later --update_stop")
+        return None
+    pruning = [s for s in updates if method.target_density(s) is not None]
+    cfg = method.config
+    window = f"[--init-prune-epoch {cfg.init_prune_epoch:g}, --final-prune-epoch {cfg.final_prune_epoch:g}]"
+    if not pruning:
+        length = max(1, int((cfg.final_prune_epoch - cfg.init_prune_epoch) * epoch_steps))
+        return (f"the pruning window {window} ({length} steps) holds no mask update with "
+                f"--update_frequency {method.k} before step {last}: use --update_frequency <= {length}")
+    reached = method.target_density(pruning[-1])
+    if abs(reached - final_density) > 1e-12:
+        ends = max(cfg.init_prune_epoch, (last // method.k) * method.k / epoch_steps)
+        return (f"the pruning window {window} ends after the last mask update at step {last}, so the "
+                f"run would end at density {reached:.4g}, not --final-density {final_density:g}: use "
+                f"--final-prune-epoch <= {math.floor(ends * 100) / 100:g} (or more epochs)")
+    return None

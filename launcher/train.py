@@ -27,9 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"itop-train: error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
+    from launcher.trainer import DivergedError
+
     try:
         trainer.fit()
-    except CheckpointError as err:  # a checkpoint that could not be written (disk full)
+    except (CheckpointError, DivergedError) as err:  # disk full, a diverged run: one line
         print(f"itop-train: error: {err}", file=sys.stderr)
         return 2
     finally:

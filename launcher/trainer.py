@@ -23,8 +23,9 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 
 import models
-from data_pipelines import BatchLoader, build_loaders
+from data_pipelines import BatchLoader, build_loaders, check_loaders
 from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, total_steps
+from itop_dist.schedules import schedule_problem
 from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
 from launcher.config import ConfigError, ScheduleConfig, TrainConfig, save_config
@@ -39,6 +40,10 @@ SHOWN = ("sparsity/density", "itop/rate", "flops/train_rel", "flops/test_rel")
 SUMMARY_NAMES = {"sparsity/density": "final_density", "itop/rate": "final_itop_rate",
                  "flops/train_cumulative": "train_flops", "flops/train_rel": "train_flops_rel",
                  "flops/test_rel": "test_flops_rel"}
+
+
+class DivergedError(ValueError):
+    """The loss became non-finite: one line naming the step and a hint (exit status 2)."""
 
 
 @dataclass
@@ -106,6 +111,9 @@ class Trainer:
         set_seed(cfg.seed)  # the same on every rank: identical initial weights and masks
         self.loaders = build_loaders(cfg.data, seed=cfg.seed, rank=acc.process_index,
                                      world_size=acc.num_processes)
+        # File headers of the evaluation split (and training split with --check-data): a bad
+        # file stops the run now, not after an epoch. ImageNet-style data only.
+        check_loaders(self.loaders, train=cfg.data.check_data)
         kwargs = {"init": cfg.model.init} if cfg.model.init else {}
         data = cfg.data.name if cfg.data.name != "synthetic" else _closest_dataset(cfg.model.name)
         # With the class count of the data actually found (an ImageNet subset, say); also used
@@ -128,6 +136,9 @@ class Trainer:
         sharded = (cfg.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
                    or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
         self.sharded = sharded
+        if sharded and acc.num_processes < 2:
+            raise ConfigError("--sharding fsdp needs at least 2 processes (this is 1): launch with "
+                              "accelerate launch --multi_gpu --num_processes N, N >= 2, or use --sharding ddp")
         if sharded:  # parameters must be sharded before the optimizer and the masks see them
             model = apply_fsdp(model.to(acc.device), acc.mixed_precision)
         optimizer = _build_optimizer(model, cfg)
@@ -157,6 +168,11 @@ class Trainer:
                        epoch_steps=self.steps_per_epoch * cfg.schedule.multiplier)
             if cfg.sparse else None
         )
+        if self.sparsifier is not None:
+            self._check_sparse_schedule(sparsity)
+        if cfg.schedule.warmup_epochs >= epochs:
+            raise ConfigError(f"--warmup {cfg.schedule.warmup_epochs}: the warm-up is not shorter than the "
+                              f"run ({epochs} epochs); use --warmup <= {max(0, epochs - 1)}")
         self.tickets = (SuperTickets(t.superposing, t.cima_factor, cfg.sparsity.final_density,
                                      list(self.sparsifier.masks), self.run_dir / "supertickets")
                         if t.enabled and cyclic else None)
@@ -193,6 +209,26 @@ class Trainer:
         if self.sparsifier is not None and self.state.step == 0:
             self.tracker.log_layers(self.sparsifier.state.layer_densities(), step=0)
         self._header()
+
+    def _check_sparse_schedule(self, sparsity) -> None:
+        """Refuse settings the sparse method cannot carry out (ConfigError naming the flags and
+        a value that works): no mask update at all, a pruning window that holds no update or
+        ends after the run, a density at which some layer gets no weight."""
+        sp = self.sparsifier
+        problem = schedule_problem(sp.method, sp.update_until, self.total_steps,
+                                   self.steps_per_epoch * self.cfg.schedule.multiplier, sparsity.final_density)
+        if problem:
+            raise ConfigError(problem)
+        empty = [n for n, m in sp.masks.items() if not m.any()]
+        if empty:
+            density = sparsity.density
+            while density < 1 and not all(m.any() for m in sp.method.__class__(
+                    dataclasses.replace(sparsity, density=density), self.total_steps,
+                    self.steps_per_epoch).initial_masks(sp.shapes).values()):
+                density = min(1.0, density * 2)
+            raise ConfigError(f"--density {sparsity.density:g} leaves {len(empty)} layer(s) without any "
+                              f"weight ({empty[0]} first; --sparse-init {sparsity.sparse_init}): the network "
+                              f"cannot learn; use --density >= {density:g}")
 
     # ------------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -405,6 +441,7 @@ class Trainer:
                 if st.step % cfg.log.log_every == 0 or st.schedule_step == last_step:
                     record = self._train_record(loss_sum / window, correct_sum, seen,
                                                 time.perf_counter() - tick)
+                    self._check_finite("training loss", record["train/loss"])
                     bar.set_postfix({k.split("/")[1]: round(v, 4) for k, v in record.items()
                                      if k in ("train/loss", "train/acc", "sparsity/density", "itop/rate")})
                     eta = ((time.perf_counter() - started) / (st.schedule_step - start_step)
@@ -547,6 +584,16 @@ class Trainer:
         loss, correct, count = self.accelerator.reduce(totals, reduction="sum").tolist()
         return loss / count, correct / count
 
+    def _check_finite(self, what: str, loss: float) -> None:
+        """A non-finite loss ends the run (DivergedError: one line) before anything is saved
+        from it, so that no checkpoint, least of all the best, holds a diverged model."""
+        if not math.isfinite(loss):
+            last = self.checkpointer.complete()
+            raise DivergedError(
+                f"the {what} is {loss} at step {self.state.step} (epoch {self.state.epoch}): the run "
+                f"diverged; lower --lr (now {self.cfg.optim.lr:g}) or add --warmup, and resume from "
+                + (f"{last[-1]} with --resume PATH" if last else "the start (no checkpoint yet)"))
+
     def _evaluate(self) -> bool:
         """Evaluate val (or test when there is no validation split) and test; True if best."""
         test_loss, test_acc = self._eval_split(self.loaders.test)
@@ -556,6 +603,7 @@ class Trainer:
             val_loss, val_acc = test_loss, test_acc
         record = {"val/loss": val_loss, "val/acc": val_acc, "test/loss": test_loss,
                   "test/acc": test_acc, **self._sparse_numbers()}
+        self._check_finite("evaluation loss", test_loss if math.isfinite(val_loss) else val_loss)
         self.tracker.log(record, self.state.step, self.state.epoch)
         val = f"val acc {val_acc:.4f} " if self.loaders.val is not None else ""  # else val IS test
         self._print(f"step {self.state.step} epoch {self.state.epoch}: {val}"

@@ -411,3 +411,47 @@ def test_a_bad_config_file_names_the_file_the_key_and_the_type(tmp_path, kind):
 def test_non_finite_flags_are_refused(flag, value, expected):
     with pytest.raises(ConfigError, match=f"^{expected}$"):
         parse_config([flag, value])
+
+
+DIGITS = "--sparse --data digits --model digits-mlp --batch-size 64 --no-wandb --no-plots --device cpu"
+IMPOSSIBLE = {
+    "GMP window without an update": (
+        "--method GMP --init-density 1 --final-density 0.1 --final-prune-epoch 2 --update_frequency 500 --epochs 3",
+        "the pruning window [--init-prune-epoch 0, --final-prune-epoch 2] (44 steps) holds no mask update "
+        "with --update_frequency 500 before step 66: use --update_frequency <= 44"),
+    "GraNet window ending after the run": (
+        "--method GraNet --init-density 0.5 --final-density 0.05 --final-prune-epoch 50 --update_frequency 50 --epochs 10",
+        "would end at density 0.2965, not --final-density 0.05: use --final-prune-epoch <= 9.09"),
+    "warm-up longer than the run": ("--warmup 5 --epochs 3 --update_frequency 10",
+                                    "--warmup 5: the warm-up is not shorter than the run (3 epochs); use --warmup <= 2"),
+    "no mask update before update_stop": (
+        "--epochs 2 --update_frequency 30 --update_stop 0.5",
+        "no mask update happens before the updates stop at step 22 (--update_stop 0.5 of 44 steps): use "
+        "--update_frequency <= 22 or a later --update_stop"),
+    "a density that leaves layers empty": ("--density 1e-5 --epochs 1 --update_frequency 10",
+                                           "--density 1e-05 leaves 3 layer(s) without any weight (fc1.weight first"),
+    "FSDP on one process": ("--sharding fsdp --epochs 1 --update_frequency 10",
+                            "--sharding fsdp needs at least 2 processes (this is 1)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(IMPOSSIBLE))
+def test_settings_that_cannot_do_what_they_say_are_refused_at_start(tmp_path, capsys, kind):
+    from launcher.train import main
+
+    args, expected = IMPOSSIBLE[kind]
+    assert main(shlex.split(f"{DIGITS} {args} --output-dir {tmp_path / 'run'}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_run_stops_in_one_line_and_saves_nothing_from_it(tmp_path, capsys):
+    from launcher.train import main
+
+    out = tmp_path / "run"
+    assert main(shlex.split(f"{DIGITS} --epochs 3 --update_frequency 10 --lr 1e6 --output-dir {out}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["itop-train: error: the evaluation loss is nan at step 22 (epoch 1): the run diverged; "
+                   "lower --lr (now 1e+06) or add --warmup, and resume from the start (no checkpoint yet)"]
+    assert not (out / "checkpoints").exists()
