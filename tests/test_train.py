@@ -200,7 +200,7 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
 
 
 def test_resume_refuses_another_sparse_setup(tmp_path):
-    args = "--sparse --data digits --model digits-mlp --epochs 1 --batch-size 64 --density 0.1"
+    args = "--sparse --data digits --model digits-mlp --epochs 1 --batch-size 64 --density 0.1 --update_frequency 10"
     from test_checkpoints import refused
 
     run = train(args, tmp_path, "a")
@@ -212,7 +212,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
     from launcher.trainer import Trainer
 
     cfg = parse_config(shlex.split(
-        f"--sparse --data digits --model digits-mlp --epochs 4 --batch-size 64 --keep-last 2 "
+        f"--sparse --data digits --model digits-mlp --epochs 4 --batch-size 64 --keep-last 2 --update_frequency 10 "
         f"--output-dir {tmp_path / 'r'} --device cpu --no-progress --no-wandb --no-plots"))
     trainer = Trainer(cfg)
     trainer.fit()
