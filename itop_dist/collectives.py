@@ -6,6 +6,8 @@ world has one process, so the single-process path never touches a process group.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -14,6 +16,27 @@ from itop_dist.topology import pack_bits, unpack_bits
 
 class MaskMismatchError(RuntimeError):
     """Raised on every rank when a rank's masks differ from rank 0's."""
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective of this module waited longer than the process group's timeout
+    (``--dist-timeout``) for another rank; the message names the collective."""
+
+
+def _named(fn):
+    """Re-raise a timeout inside collective ``fn`` as CollectiveTimeout naming ``fn``: a rank
+    that hangs (another job's settings, a dead peer) ends the job with what was waited for."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as err:
+            text = str(err)
+            if isinstance(err, CollectiveTimeout) or not any(w in text.lower() for w in ("timed out", "timeout")):
+                raise
+            raise CollectiveTimeout(f"{fn.__name__}: rank {rank()} waited past --dist-timeout for the other "
+                                    f"ranks ({text.splitlines()[0][:200]})") from err
+    return wrapper
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -35,12 +58,14 @@ def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
+@_named
 def barrier(group: dist.ProcessGroup | None = None) -> None:
     """Wait for every rank (no-op with one process)."""
     if world_size(group) > 1:
         dist.barrier(group)
 
 
+@_named
 def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     """True on every rank if ``flag`` is True on any rank: one all-reduce (MAX) of one int, so
     that a failure on one rank (a full disk, a bad file) stops all ranks together."""
@@ -51,11 +76,29 @@ def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     return bool(t.item())
 
 
+@_named
 def broadcast_objects(objects: list, group: dist.ProcessGroup | None = None) -> None:
     """Rank 0's ``objects`` (small picklable values: a path, a message) replace every rank's,
     in place. The pickles travel between this job's own processes; nothing is read from a file."""
     if world_size(group) > 1:
         dist.broadcast_object_list(objects, src=0, group=group, device=_comm_device(group))
+
+
+@_named
+def differing_settings(settings: dict[str, object], group: dist.ProcessGroup | None = None) -> list[str]:
+    """Compare every rank's ``settings`` (flat, JSON-able: the resolved configuration and the
+    code version) with rank 0's; returns, on EVERY rank, ``"key: rank 0 has A, rank R has B"``
+    for each difference (empty when all ranks run the same job). One broadcast and one
+    all-gather of small Python objects, at start-up."""
+    if world_size(group) == 1:
+        return []
+    reference = [settings]
+    broadcast_objects(reference, group)
+    mine = [f"{k}: rank 0 has {reference[0].get(k)!r}, rank {rank(group)} has {settings.get(k)!r}"
+            for k in sorted(set(settings) | set(reference[0]), key=str) if settings.get(k) != reference[0].get(k)]
+    gathered: list = [None] * world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    return [line for lines in gathered for line in lines]
 
 
 def _as_indices(numel: int, nnz: int) -> bool:
@@ -86,6 +129,7 @@ def decode_mask(data: torch.Tensor, shape: tuple[int, ...], nnz: int) -> torch.T
     return unpack_bits(data, shape)
 
 
+@_named
 def broadcast_masks(
     masks: dict[str, torch.Tensor] | None,
     shapes: dict[str, tuple[int, ...]],
@@ -140,6 +184,7 @@ def checksums(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.int64)
 
 
+@_named
 def check_same(tensors: dict[str, torch.Tensor], what: str = "masks",
                group: dist.ProcessGroup | None = None) -> None:
     """Compare every rank's tensors with rank 0's in one collective; raise on every rank.

@@ -196,6 +196,7 @@ class TrainConfig:
     mixed_precision: str = "launcher"
     device: str = "auto"
     sharding: str = "ddp"
+    dist_timeout: float = 10.0  # minutes a collective may wait for the other ranks
 
     def __post_init__(self) -> None:
         self.sparsity.seed = self.seed  # masks are drawn from --seed, identically on every rank
@@ -203,6 +204,7 @@ class TrainConfig:
                f"{self.mixed_precision!r}: choose launcher (accelerate launch's --mixed_precision or "
                f"config file; default), no, bf16, fp16 or auto (bf16 where the GPU has it)")
         _check(self.device in ("auto", "cpu", "cuda"), "--device", "choose auto, cpu or cuda")
+        _check(self.dist_timeout > 0, "--dist-timeout", f"{self.dist_timeout:g} must be > 0 (minutes)")
         _check(self.device != "cuda" or torch.cuda.is_available(), "--device",
                "cuda: no GPU is visible here (torch.cuda.is_available() is False); use --device cpu "
                "or auto")
@@ -243,17 +245,18 @@ class TrainConfig:
 # Epochs may be extended; cadences of logs, evaluations and checkpoints, where the data lies and
 # how it is decoded, and the machine (device, processes, sharding, and so the per-process batch
 # and accumulation: the elastic rule of launcher/trainer.py) may change.
-RESUMABLE = ("schedule.epochs", "schedule.max_steps", "schedule.eval_every", "checkpoint.", "log.",
+RESUMABLE = ("schedule.epochs", "schedule.max_steps", "schedule.eval_every", "checkpoint.", "log.", "dist_timeout",
              "data.data_dir", "data.download", "data.num_workers", "data.loader", "data.batch_size",
-             "data.test_batch_size", "optim.accumulate", "device", "sharding", "model.channels_last",
+             "data.test_batch_size", "data.check_data", "optim.accumulate", "device", "sharding", "model.channels_last",
              "model.initial_checkpoint", "tickets.label")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """A nested configuration dict as one level of dotted keys (tuples as lists)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return out
@@ -262,7 +265,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def identity(config: dict) -> dict:
     """The run's identity: its whole resolved configuration (``TrainConfig.to_dict()``, flat,
     dotted keys) minus :data:`RESUMABLE`."""
-    return {k: v for k, v in _flat(config).items()
+    return {k: v for k, v in flat_config(config).items()
             if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
 
 
@@ -421,6 +424,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--image-size",), "data.image_size", int, "ImageNet crop size (224)"),
     (("--decode-device",), "data.decode_device", str, "ImageNet JPEG decoding: auto, cpu or gpu"),
     (("--fp16-output",), "data.fp16_output", True, "ImageNet batches in fp16"),
+    (("--check-data",), "data.check_data", True, "read every training file's header before training"),
     (("--sparse",), "sparse", True, "train a sparse network (dense without it)"),
     (("--dense",), "sparse", False, "train the dense model; sparse flags given beside it are ignored"),
     (("--method",), "sparsity.method", str,
@@ -489,6 +493,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
      "launcher (accelerate launch's choice, else no), no, bf16, fp16, auto"),
     (("--fp16",), "mixed_precision", "fp16", "same as --mixed-precision fp16"),
     (("--device",), "device", str, "auto, cpu or cuda"),
+    (("--dist-timeout",), "dist_timeout", float, "minutes a collective waits for the other ranks (10)"),
     (("--sharding",), "sharding", str, "ddp (replicated) or fsdp (FSDP2, sharded)"),
 ]
 

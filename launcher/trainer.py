@@ -9,6 +9,8 @@ LR step, log, evaluate, checkpoint.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
 import dataclasses
 import json
 import math
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 import models
@@ -28,7 +30,7 @@ from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, total_
 from itop_dist.schedules import schedule_problem
 from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
-from launcher.config import ConfigError, ScheduleConfig, TrainConfig, save_config
+from launcher.config import ConfigError, ScheduleConfig, TrainConfig, flat_config, save_config
 from launcher import plots
 from launcher.parallel import ModelState, OptimizerState, apply_fsdp, full_state_dict
 from launcher.preemption import Preemption
@@ -40,6 +42,17 @@ SHOWN = ("sparsity/density", "itop/rate", "flops/train_rel", "flops/test_rel")
 SUMMARY_NAMES = {"sparsity/density": "final_density", "itop/rate": "final_itop_rate",
                  "flops/train_cumulative": "train_flops", "flops/train_rel": "train_flops_rel",
                  "flops/test_rel": "test_flops_rel"}
+
+
+def code_version() -> str:
+    """SHA-256 (12 hex digits) of this project's Python sources: ranks started from different
+    checkouts differ here."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in ("itop_dist", "launcher", "models", "data_pipelines"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class DivergedError(ValueError):
@@ -104,7 +117,14 @@ class Trainer:
             mixed_precision=_resolve_precision(cfg),
             step_scheduler_with_optimizer=False,  # the schedule is defined per optimizer step
             log_with="wandb" if cfg.log.wandb and wandb_available() else None,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.dist_timeout))],
         )
+        # Every rank must run the same job: another --seed would train on overlapping shards,
+        # another --update_frequency would hang at the first mask update.
+        differ = collectives.differing_settings({**flat_config(cfg.to_dict()), "code version": code_version()})
+        if differ:
+            raise ConfigError(f"the processes of this job were started with different settings "
+                              f"({'; '.join(differ[:3])}); start every rank with the same command")
         if acc.mixed_precision == "fp16" and acc.device.type != "cuda":
             raise ConfigError(f"--mixed-precision fp16 (or the launcher's fp16): fp16 needs a CUDA GPU, "
                               f"this run is on {acc.device.type}; use bf16 or no")
@@ -442,6 +462,8 @@ class Trainer:
                     record = self._train_record(loss_sum / window, correct_sum, seen,
                                                 time.perf_counter() - tick)
                     self._check_finite("training loss", record["train/loss"])
+                    if self.sparsifier is not None:  # a rank's connectivity drifting: caught now
+                        self.sparsifier.verify()
                     bar.set_postfix({k.split("/")[1]: round(v, 4) for k, v in record.items()
                                      if k in ("train/loss", "train/acc", "sparsity/density", "itop/rate")})
                     eta = ((time.perf_counter() - started) / (st.schedule_step - start_step)
@@ -604,6 +626,8 @@ class Trainer:
         record = {"val/loss": val_loss, "val/acc": val_acc, "test/loss": test_loss,
                   "test/acc": test_acc, **self._sparse_numbers()}
         self._check_finite("evaluation loss", test_loss if math.isfinite(val_loss) else val_loss)
+        if not self.sharded:  # replicated weights must be equal on every rank (sharded: at the end)
+            collectives.check_same({n: p.detach() for n, p in self.model.named_parameters()}, "weights")
         self.tracker.log(record, self.state.step, self.state.epoch)
         val = f"val acc {val_acc:.4f} " if self.loaders.val is not None else ""  # else val IS test
         self._print(f"step {self.state.step} epoch {self.state.epoch}: {val}"
