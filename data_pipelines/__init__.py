@@ -13,14 +13,19 @@ a run resumed mid-epoch sees exactly the batches of an uninterrupted run::
 Datasets plug in by name with ``@register_dataset(name)``; see ``list_datasets()``. ImageNet
 is read from its folder layout batch by batch, by NVIDIA DALI or torchvision
 (``data_pipelines.imagenet``), behind the same loader interface.
+
+Data that cannot be used (missing or misplaced folders, unreadable or undecodable files) raises
+``DataError`` (a ``ValueError``) with one line naming the path, also while a loader iterates;
+``check_loaders(loaders, train=...)`` reads the headers of the file-based splits up front.
 """
 
 from __future__ import annotations
 
 # Importing the modules registers the built-in datasets.
 from . import datasets, imagenet  # noqa: F401
-from .build import Loaders, build_loaders
+from .build import Loaders, build_loaders, check_loaders
 from .config import DataConfig
+from .errors import DataError
 from .loader import BatchLoader
 from .registry import DatasetSpec, list_datasets, register_dataset, register_loaders
 from .transforms import CropFlip, Normalize
@@ -29,10 +34,12 @@ __all__ = [
     "BatchLoader",
     "CropFlip",
     "DataConfig",
+    "DataError",
     "DatasetSpec",
     "Loaders",
     "Normalize",
     "build_loaders",
+    "check_loaders",
     "list_datasets",
     "register_dataset",
     "register_loaders",

@@ -46,6 +46,8 @@ class DataConfig:
     channels_last: batches in channels_last memory format (same (B, 3, S, S) shape).
     decode_device: ``auto`` (DALI ``mixed`` GPU decoding when CUDA is available, unless
         ACCELERATE_USE_CPU is set), ``cpu`` or ``gpu``.
+    check_data: also read the headers of every training file before training
+        (``--check-data``; the evaluation split's are always read: ``check_loaders``).
     """
 
     name: str = "digits"
@@ -64,6 +66,7 @@ class DataConfig:
     fp16_output: bool = False
     channels_last: bool = False
     decode_device: str = "auto"
+    check_data: bool = False
 
     def __post_init__(self) -> None:
         # YAML/TOML and argparse hand over lists and paths; store the declared types.

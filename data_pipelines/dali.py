@@ -7,13 +7,14 @@ One DALI pipeline per iteration of a loader (an epoch, or one pass over the vali
   s + r, s + r + W, ... of the epoch's permutation, the sharding rule of every loader,
   ``loader.train_shard``, from the resume point s on, whole global batches only), read as
   shard 0 of 1: every rank runs the same number of batches, and each pipeline lists only
-  its 1/W of the files. For evaluation it is the sorted split sharded by global rank
-  (``shard_id`` = process index, ``num_shards`` = world size; the local rank would evaluate
-  every machine of a multi-node run on the same fraction of the data) with
-  ``pad_last_batch=True``: DALI pads every shard to the same number of batches by repeating
-  its last sample, and the iterator (``LastBatchPolicy.PARTIAL`` with ``reader_name``) drops
-  the padding, so each sample is counted once (a rank whose shard is one sample shorter can
-  get an empty last batch, which is skipped).
+  its 1/W of the files. For evaluation it is likewise this GLOBAL rank's own shard
+  (``ImageNetLoader.indices``: samples floor(N r / W) .. floor(N (r + 1) / W) - 1; the local
+  rank would evaluate every machine of a multi-node run on the same fraction of the data),
+  read as shard 0 of 1 with ``pad_last_batch=True``: DALI pads the last batch by repeating
+  the last sample and the iterator (``LastBatchPolicy.PARTIAL`` with ``reader_name``) drops
+  the padding, so each sample is counted once, for any split size on any number of
+  processes (a rank with an empty shard, N < W, builds no pipeline; DALI's own sharding
+  would refuse more shards than files).
 * training: ``decoders.image_random_crop`` (decodes only the crop: 761 against 620 images/s
   for decode-then-crop on a 2-core CPU) -> ``resize`` to S x S -> ``crop_mirror_normalize``
   with a random flip; evaluation: ``decoders.image`` -> ``resize`` (shorter side) ->
@@ -26,14 +27,19 @@ One DALI pipeline per iteration of a loader (an epoch, or one pass over the vali
   starts from a fresh, reproducible seed.
 
 DALI's decoder errors do not name the file; on a failure the files of the batches in flight
-are checked one by one (``find_undecodable``) and the error names the bad one.
+are checked one by one, decoded by PIL (``find_undecodable``: unreadable, empty, truncated,
+not an image), then by DALI itself (``find_dali_undecodable``: formats PIL reads but DALI does
+not, e.g. a GIF or a PNG without its IEND chunk under a .JPEG name), and the ``DataError``
+names the bad one.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -47,17 +53,22 @@ from .imagenet import (
     ImageNetLoader,
     bad_file_error,
     find_undecodable,
+    unreadable_reason,
     val_resize,
 )
+from .errors import DataError
 from .loader import derive_seed
 
-__all__ = ["DaliLoader", "imagenet_pipeline"]
+__all__ = ["DaliLoader", "decode_with_dali", "find_dali_undecodable", "imagenet_pipeline"]
 
 READER = "Reader"
 PREFETCH = 2  # batches DALI prepares ahead (pipeline prefetch_queue_depth)
 # nvJPEG buffers sized for ImageNet's largest images (NVIDIA's ResNet-50 example), so the
 # mixed decoder does not reallocate during the first epoch.
 GPU_DECODER_MEMORY = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512)
+# How every pipeline here decodes: 8-bit RGB; EXIF orientation ignored, as torchvision's and
+# PIL's readers do (the torchvision loader matches these pixels: imagenet.to_rgb8).
+DECODE = dict(output_type=types.RGB, adjust_orientation=False)
 
 
 def dali_threads(num_workers: int) -> int:
@@ -100,14 +111,13 @@ def imagenet_pipeline(
         if augment:
             # EXIF orientation is ignored, as torchvision's and PIL's readers do.
             img = fn.decoders.image_random_crop(
-                jpegs, device=decode, output_type=types.RGB, adjust_orientation=False,
+                jpegs, device=decode, **DECODE,
                 random_area=list(SCALE), random_aspect_ratio=list(RATIO), num_attempts=10, **memory)
             img = fn.resize(img, resize_x=s, resize_y=s, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
             crop = None
         else:
-            img = fn.decoders.image(jpegs, device=decode, output_type=types.RGB,
-                                    adjust_orientation=False, **memory)
+            img = fn.decoders.image(jpegs, device=decode, **DECODE, **memory)
             img = fn.resize(img, resize_shorter=val_resize(s), antialias=True)
             mirror = 0
             crop = (s, s)
@@ -128,14 +138,10 @@ class DaliLoader(ImageNetLoader):
     def _pipeline_input(self, start_batch: int, order: torch.Tensor) -> tuple[list[int], int, int, bool]:
         """(sample indices for the reader, shard_id, num_shards, pad_last_batch) of an
         iteration yielding ``order`` (``ImageNetLoader._order``)."""
-        if self.train:
-            # This rank's part from the resume point on, whole batches: the same count on
-            # every rank, so DROP discards nothing.
-            return order.tolist(), 0, 1, False
-        if start_batch == 0:
-            return list(range(self.num_samples)), self.rank, self.world_size, True
-        # A resumed evaluation pass (not used by the trainer): this rank's rest, unsharded.
-        return order.tolist(), 0, 1, True
+        # Training: this rank's part from the resume point on, whole batches (the same count on
+        # every rank, so DROP discards nothing). Evaluation: this rank's shard (from
+        # ``start_batch`` on), its last batch padded by DALI and the padding dropped.
+        return order.tolist(), 0, 1, not self.train
 
     def _batches(self, epoch: int, start_batch: int,
                  order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -178,14 +184,102 @@ class DaliLoader(ImageNetLoader):
         # An iteration abandoned earlier frees the pipeline when its generator is closed or
         # collected (the trainer rebinds it at the next epoch).
 
-    def _decode_error(self, err: RuntimeError, epoch: int, k: int, in_flight: torch.Tensor) -> Exception:
-        """A one-line ``ValueError`` naming the file DALI failed on, found among the samples
-        ``in_flight`` (the batches k .. k + prefetch); DALI's own message if none of them is bad."""
-        bad = find_undecodable([self.folder.path(i) for i in in_flight.tolist()])
+    def _decode_error(self, err: RuntimeError, epoch: int, k: int, in_flight: torch.Tensor) -> DataError:
+        """A one-line ``DataError`` naming the file DALI failed on, found among the samples
+        ``in_flight`` (the batches k .. k + prefetch): PIL decodes each, then DALI does
+        (this loader's device); DALI's own message, naming the folder, if none fails alone."""
+        paths = [self.folder.path(i) for i in in_flight.tolist()]
+        bad = find_undecodable(paths)
+        if bad is None:
+            try:
+                bad = find_dali_undecodable(paths, gpu=self.gpu)
+            except Exception:  # noqa: BLE001 - the check itself failed: report DALI's error
+                bad = None
         if bad is not None:
             return bad_file_error(*bad)
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         after = [ln for i, ln in enumerate(lines) if i and lines[i - 1] == "encountered:"]
         why = (after or lines or [type(err).__name__])[0]
-        return ValueError(f"--data-dir: DALI failed reading {self.folder.root} near batch {k} of epoch "
-                          f"{epoch} ({why}); the files of those batches decode with PIL, check them")
+        return DataError(f"--data-dir: DALI failed reading {self.folder.root} near batch {k} of epoch "
+                         f"{epoch} ({why}); the files of those batches decode with PIL and DALI one "
+                         f"by one, check them")
+
+
+# ---------------------------------------------------------------------------------------------
+# Single files through DALI's decoder (naming a file DALI fails on; comparing decoders)
+
+
+def _single_decoder(gpu: bool):
+    """A built pipeline decoding one file at a time fed to input "data", as the loaders do."""
+    decode = "mixed" if gpu else "cpu"
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=torch.cuda.current_device() if gpu else None,
+                  prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+    def pipe():
+        data = fn.external_source(name="data", dtype=types.UINT8)
+        return fn.decoders.image(data, device=decode, **DECODE)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _decode_each(paths: list[Path], gpu: bool) -> Iterator[tuple[Path, np.ndarray | str]]:
+    """(path, uint8 (H, W, 3) array) for each path, or (path, why) for the first one DALI
+    cannot read or decode, and then nothing more (a failed DALI pipeline is not reusable)."""
+    if not paths:
+        return
+    pipe = _single_decoder(gpu)
+    try:
+        for path in paths:
+            try:
+                data = np.fromfile(path, dtype=np.uint8)
+            except OSError as err:
+                yield path, unreadable_reason(path, err)
+                return
+            if data.size == 0:
+                yield path, "empty file"
+                return
+            pipe.feed_input("data", [data])
+            try:
+                (out,) = pipe.run()
+            except RuntimeError:
+                yield path, _dali_refusal(path)
+                return
+            if gpu:
+                out = out.as_cpu()
+            yield path, np.array(out[0])
+    finally:
+        del pipe
+
+
+def _dali_refusal(path: Path) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            what = f"a {img.format} {img.mode} image"
+    except Exception:  # noqa: BLE001
+        what = "a file"
+    return (f"{what} that NVIDIA DALI cannot decode (PIL can: convert it to JPEG, or use "
+            f"--loader torchvision)")
+
+
+def find_dali_undecodable(paths: list[Path], gpu: bool = False) -> tuple[Path, str] | None:
+    """The first of ``paths`` DALI's decoder fails on, decoded one by one (``gpu``: the
+    "mixed" decoder of the GPU loaders), with why; None if DALI decodes them all."""
+    for path, out in _decode_each(paths, gpu):
+        if isinstance(out, str):
+            return path, out
+    return None
+
+
+def decode_with_dali(paths: list[Path], gpu: bool = False) -> list[torch.Tensor]:
+    """uint8 (3, H, W) RGB of each file, decoded as the DALI loaders decode (no crop, no
+    resize): the counterpart of ``imagenet.decode_file``. ``DataError`` naming a file it fails on."""
+    out = []
+    for path, img in _decode_each(list(paths), gpu):
+        if isinstance(img, str):
+            raise bad_file_error(path, img)
+        out.append(torch.from_numpy(img).permute(2, 0, 1))
+    return out

@@ -19,6 +19,7 @@ from torchvision.datasets.utils import check_integrity
 from models.registry import DATASETS, DatasetInfo
 
 from .config import DataConfig
+from .errors import DataError
 from .registry import DatasetSpec, register_dataset
 from .transforms import CropFlip
 
@@ -78,10 +79,13 @@ def _as_tensors(ds: tvd.VisionDataset) -> Tensors:
 def load_torchvision(cls: type[tvd.VisionDataset], cfg: DataConfig, title: str) -> tuple[Tensors, Tensors]:
     """(train, test) tensors of torchvision dataset ``cls`` (CIFAR10/100, MNIST) under ``cfg.data_dir``.
 
-    Each split is (x uint8 (N, C, H, W), y int64 (N,)). Errors are one-line ``ValueError``s
+    Each split is (x uint8 (N, C, H, W), y int64 (N,)). Errors are one-line ``DataError``s
     naming the folder (files missing) or the file (corrupt) and the fix.
     """
     root = cfg.data_dir
+    if Path(root).exists() and not Path(root).is_dir():
+        raise DataError(f"--data-dir {root}: {root} is a file, not a folder; pass the folder that "
+                        f"holds (or is to hold) {title}")
     subfolder, checks = _files(cls)
     folder = Path(root) / subfolder
     fix = (f"check the internet connection, or put torchvision's {title} in that folder" if cfg.download
@@ -89,18 +93,18 @@ def load_torchvision(cls: type[tvd.VisionDataset], cfg: DataConfig, title: str) 
     if not cfg.download:
         missing = [n for n in checks if not (folder / n).is_file()]
         if len(missing) == len(checks):
-            raise ValueError(f"--data-dir {root}: no {title} files ({subfolder}) there; {fix}")
+            raise DataError(f"--data-dir {root}: no {title} files ({subfolder}) there; {fix}")
         if missing:
-            raise ValueError(f"--data-dir {root}: {title} files missing in {folder}: "
-                             f"{', '.join(missing)}; {fix}")
+            raise DataError(f"--data-dir {root}: {title} files missing in {folder}: "
+                            f"{', '.join(missing)}; {fix}")
     try:
         train, test = (_as_tensors(cls(root=root, train=t, download=cfg.download)) for t in (True, False))
     except Exception as err:  # torchvision raises RuntimeError, pickle/idx errors, URLError, ...
         bad = next((folder / n for n, ok in checks.items() if (folder / n).is_file() and not ok(folder / n)), None)
         if bad is not None:
-            raise ValueError(f"--data-dir {root}: {title} file {bad} is corrupt; "
-                             f"replace it with torchvision's (or delete it and pass --download)") from None
-        raise ValueError(f"--data-dir {root}: cannot load {title} from {folder} ({_one_line(err)}); {fix}") from err
+            raise DataError(f"--data-dir {root}: {title} file {bad} is corrupt; "
+                            f"replace it with torchvision's (or delete it and pass --download)") from None
+        raise DataError(f"--data-dir {root}: cannot load {title} from {folder} ({_one_line(err)}); {fix}") from err
     return train, test
 
 

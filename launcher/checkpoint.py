@@ -557,9 +557,12 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock; returns a note when a stale lock was taken over. Raises CheckpointError."""
         me = {"pid": os.getpid(), "host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID")}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"--output-dir {folder} is a file, not a folder; choose another --output-dir")
         note = None
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = self._owner()
@@ -570,6 +573,9 @@ class RunLock:
             note = (f"taking over the stale lock {self.path} of PID {owner.get('pid')} on "
                     f"{owner.get('host')} (that process is gone)")
             _write_atomic(self.path, json.dumps(me))
+        except OSError as err:  # read-only, no permission, a parent that is a file
+            raise CheckpointError(f"--output-dir {folder}: cannot write there ({err.strerror}); choose "
+                                  f"a writable --output-dir") from None
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me))

@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"itop-train: error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
+    from data_pipelines import DataError
     from launcher.trainer import DivergedError
 
     try:
         trainer.fit()
-    except (CheckpointError, DivergedError) as err:  # disk full, a diverged run: one line
+    except (CheckpointError, DivergedError, DataError) as err:  # disk full, diverged, a bad file
         print(f"itop-train: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -526,3 +526,17 @@ def test_resume_with_another_world_size_or_mode_ends_at_the_requested_epoch(tmp_
             assert all(torch.equal(ranks[0][key][n], other[key][n]) for n in ranks[0][key])
     for name, m in ranks[0]["masks"].items():
         assert not ranks[0]["weights"][name][~m].any()
+
+
+def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys):
+    from launcher.train import main
+
+    args = "--sparse --data digits --model digits-mlp --epochs 1 --update_frequency 10 --no-wandb --device cpu"
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(shlex.split(f"{args} --output-dir {afile}")) == 2
+    assert capsys.readouterr().err.strip() == (f"itop-train: error: --output-dir {afile} is a file, not a "
+                                               f"folder; choose another --output-dir")
+    assert afile.read_text() == "mine"
+    assert main(shlex.split(f"{args} --output-dir {afile / 'run'}")) == 2
+    assert "cannot write there" in capsys.readouterr().err
