@@ -15,25 +15,15 @@ import argparse
 import pathlib
 import platform
 import shutil
-import statistics
 import tempfile
-import time
 
 import torch
 
 import models
+from bench_masks import timed  # median after one warm-up call
 from itop_dist import SparseConfig, Sparsifier
 from launcher.checkpoint import Checkpointer, RNGState, verify
 from launcher.parallel import ModelState, OptimizerState
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
