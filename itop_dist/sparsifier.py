@@ -107,7 +107,8 @@ class Sparsifier:
     """Masks, their updates and the ITOP rate for one model and optimizer.
 
     model: the module being trained (possibly wrapped by DDP/compile); its conv/linear
-        weights are masked. optimizer: its SGD momentum buffers are masked too.
+        weights are masked. optimizer: its per-weight state (momentum, Adam's moments) is
+        masked too.
     total_steps: the run's length in optimizer steps (schedules.total_steps), which the
         prune-rate cosine and the update stop are relative to.
     epoch_steps: optimizer steps per epoch x the multiplier; gradual pruning (GraNet, GMP)
@@ -149,13 +150,13 @@ class Sparsifier:
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """W <- W * M for every masked weight, and the same for SGD momentum when configured."""
+        """W <- W * M for every masked weight and, when ``mask_momentum`` is on, the same for
+        every per-weight optimizer state tensor (SGD's momentum, Adam's moments, ...)."""
         for name, p in self.params.items():
             mult = self._mult[name]
             _local(p).mul_(mult)
             if self.config.mask_momentum:
-                buf = self._momentum(p)
-                if buf is not None:
+                for buf in self._state_tensors(p):
                     _local(buf).mul_(mult)
 
     @torch.no_grad()
@@ -250,10 +251,17 @@ class Sparsifier:
         self.apply_masks()
 
     # --- internals -----------------------------------------------------------------------
-    def _momentum(self, p: torch.Tensor) -> torch.Tensor | None:
+    def _state_tensors(self, p: torch.Tensor) -> list[torch.Tensor]:
+        """Every per-weight state tensor the optimizer keeps for ``p``: those of ``p``'s shape
+        (SGD's momentum_buffer; Adam(W)'s exp_avg, exp_avg_sq, max_exp_avg_sq; Adagrad's sum;
+        ...), not scalar step counts nor factored statistics of another shape. Under FSDP2
+        they are DTensors sharded like ``p``, so ``_local`` of each matches ``_local(p)``."""
         if self.optimizer is None:
-            return None
-        return self.optimizer.state.get(p, {}).get("momentum_buffer")
+            return []
+        local_shape = _local(p).shape
+        return [t for t in self.optimizer.state.get(p, {}).values()
+                if isinstance(t, torch.Tensor) and t.shape == p.shape
+                and _local(t).shape == local_shape]
 
     def _momentum_score(self, p: torch.Tensor) -> torch.Tensor | None:
         """SGD's momentum buffer, or Adam's exp_avg / (sqrt(exp_avg_sq) + 1e-8) (spec 4.3)."""
@@ -274,10 +282,10 @@ class Sparsifier:
             self._mult[name] = shard.to(self.params[name].dtype) if mode == "float" else shard
 
     def _zero(self, positions: dict[str, torch.Tensor]) -> None:
-        """RigL's choice for regrown weights: value 0 and zero momentum."""
+        """RigL's choice for regrown weights: value 0 and every optimizer state tensor 0
+        (momentum, Adam's moments), so a regrown weight starts afresh."""
         for name, p in self.params.items():
             where = local_shard(positions[name], p).to(_local(p).device)
             _local(p).masked_fill_(where, 0)
-            buf = self._momentum(p)
-            if buf is not None:
+            for buf in self._state_tensors(p):
                 _local(buf).masked_fill_(where, 0)
