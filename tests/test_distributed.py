@@ -1,6 +1,7 @@
 """Two processes with real ``accelerate launch`` on gloo: identical connectivity, replicated
 (DDP) and sharded (FSDP2), two 'machines' on 127.0.0.1, mask corruption caught, resume."""
 
+import json
 import os
 import pathlib
 import shlex
@@ -161,3 +162,15 @@ def test_suptickets_two_processes_superpose_and_recalibrate_identically(tmp_path
     for k, v in r0["superposed"].items():
         assert torch.equal(v, r1["superposed"][k]), k
     assert r0["summary"]["result"] == "superposed model 2 (Sup-tickets)"
+
+
+def test_a_mask_corrupted_in_a_static_run_is_caught_at_the_next_log_interval(tmp_path):
+    """Static masks never update, so no update would ever compare them: the checksums at every
+    --log-interval steps do (corrupted before step 11, caught at step 15, not at the end)."""
+    launch(tmp_path, "--fix --growth random --corrupt-at 11 --log-interval 5", expect_ok=False)
+    for r in range(2):
+        err = (tmp_path / f"rank{r}.err").read_text()
+        assert err.startswith("MaskMismatchError: masks differ across ranks: first differing layer "
+                              "'fc2.weight' on rank(s) [1]"), err
+    steps = [json.loads(x).get("step") for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 15
