@@ -169,7 +169,7 @@ def test_gmp_from_a_dense_export_starts_from_those_weights(dense_export, sparse_
     assert card["method"] == "dense" and card["density"] == 1.0
     assert load_file(str(dense_export / "masks.safetensors")) == {}
     exported = load_file(str(dense_export / "model.safetensors"))
-    flags = (f"--sparse --method GMP --init-density 1 --final-density 0.1 --update_frequency 8 {DENSE} "
+    flags = (f"--sparse --method GMP --init-density 1 --final-density 0.1 --final-prune-epoch 0.5 --update_frequency 8 {DENSE} "
              f"--initial-checkpoint {dense_export} --output-dir {tmp_path / 'gmp'}")
     trainer = Trainer(parse_config(shlex.split(flags)))
     try:
