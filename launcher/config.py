@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import pathlib
 import tomllib
@@ -524,6 +525,16 @@ class ConfigError(ValueError):
     """A bad flag, file or combination: one line naming what is wrong and how to fix it."""
 
 
+def print_error(prog: str, message: str) -> int:
+    """Print ``<prog>: error: <message>`` on stderr and return exit status 2.
+
+    The line goes out in one ``write(2)`` (atomic below PIPE_BUF on a pipe), so the refusals of
+    several ranks sharing one stderr never run into each other."""
+    sys.stderr.flush()
+    os.write(2, f"{prog}: error: {message}\n".encode())
+    return 2
+
+
 # Flags of the papers' launch lines that belong to the launcher, not the run: accepted, ignored.
 LAUNCHER_ONLY = ("--master_port", "--master-port", "--local_rank", "--local-rank")
 
@@ -577,12 +588,17 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         given.pop("data_dir_positional", None)
     file = given.pop("config", None)
     tree = load_file(file) if file else {}
-    _refuse_ignored_sparse_flags(given, tree)
+    file_tree = tree if isinstance(tree, dict) else {}
     if file:  # the file's own types first, so that its errors name the file and the key
         _named(lambda: from_dict(TrainConfig, tree), given, file, types_only=True)
+    sparse_in_file = "sparse" in file_tree
+    file_sparsity = list(file_tree.get("sparsity", {})) if isinstance(file_tree.get("sparsity"), dict) else []
     for path, value in given.items():
         set_path(tree, path, value)
-    return _named(lambda: from_dict(TrainConfig, tree), given, file)
+    cfg = _named(lambda: from_dict(TrainConfig, tree), given, file)
+    # After the values are checked: a wrong value is the first thing to fix.
+    _refuse_ignored_sparse_flags(given, sparse_in_file, file_sparsity)
+    return cfg
 
 
 def _named(build, given: dict, file: str | None, types_only: bool = False):
@@ -602,16 +618,15 @@ def _named(build, given: dict, file: str | None, types_only: bool = False):
         raise ConfigError(str(err).splitlines()[0]) from None
 
 
-def _refuse_ignored_sparse_flags(given: dict, file_tree: dict) -> None:
+def _refuse_ignored_sparse_flags(given: dict, sparse_in_file: bool, file_sparsity: list[str]) -> None:
     """Sparse settings without ``--sparse`` would silently train the dense model: refuse, unless
     the dense model is asked for explicitly (``--dense``, or ``sparse: false`` in the file, as the
     papers' dense commands pass their sparse flags too)."""
-    if "sparse" in given or (isinstance(file_tree, dict) and "sparse" in file_tree):
+    if "sparse" in given or sparse_in_file:
         return
     flags = {path: flags[0] for flags, path, _, _ in FLAGS}
     ignored = [flags.get(p, p) for p in given if p.startswith("sparsity.")]
-    if isinstance(file_tree, dict) and isinstance(file_tree.get("sparsity"), dict):
-        ignored += [f"sparsity.{k} (config file)" for k in file_tree["sparsity"]]
+    ignored += [f"sparsity.{k} (config file)" for k in file_sparsity]
     if ignored:
         raise ConfigError(f"{', '.join(dict.fromkeys(ignored))} given without --sparse would train the "
                           f"dense model; add --sparse for a sparse run, or --dense to train the dense "

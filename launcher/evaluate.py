@@ -36,7 +36,7 @@ from itop_dist import maskable_parameters
 from itop_dist.flops import layer_flops, sparse_flops
 from itop_dist.topology import unpack_bits
 from launcher.checkpoint import MANIFEST, Checkpointer, CheckpointError, read_state, verify
-from launcher.config import TrainConfig, from_dict
+from launcher.config import TrainConfig, from_dict, print_error
 
 GROWTH_NAMES = {"random": "SET", "gradient": "RigL", "momentum": "sparse momentum"}
 
@@ -329,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_checkpoint(args.checkpoint)
         result = evaluate(loaded, args.data, args.data_dir, args.batch_size, args.device)
     except ERRORS as err:
-        print(f"itop-eval: error: {one_line(err)}", file=sys.stderr)
-        return 2
+        return print_error("itop-eval", one_line(err))
     print(json.dumps(result) if args.json else describe(result, args.layers))
     return 0
 

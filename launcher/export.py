@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from launcher.checkpoint import MANIFEST, CheckpointError, verify
+from launcher.config import print_error
 from launcher.evaluate import (ERRORS, add_data_flags, build_model, default_shape, evaluate,
                                first_mismatch, load_checkpoint, load_into, model_dataset,
                                one_line, sparsity_numbers)
@@ -168,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         card = export(args.checkpoint, args.output, args.force, args.run_eval, args.data,
                       args.data_dir, args.batch_size, args.device)
     except ERRORS as err:
-        print(f"itop-export: error: {one_line(err)}", file=sys.stderr)
-        return 2
+        return print_error("itop-export", one_line(err))
     acc = card["accuracy"]
     shown = (f"test acc {acc['test_acc']:.4f}" if "test_acc" in acc
              else f"val acc {acc['val_acc']:.4f} (meta.json)" if acc.get("val_acc") is not None

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from launcher.checkpoint import CheckpointError
-from launcher.config import parse_config
+from launcher.config import parse_config, print_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(cfg)
     except ValueError as err:
-        print(f"itop-train: error: {err}", file=sys.stderr)
-        return 2
+        return print_error("itop-train", str(err))
     logging.basicConfig(level=logging.WARNING)
     from data_pipelines import DataError
     from launcher.trainer import DivergedError
@@ -33,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.fit()
     except (CheckpointError, DivergedError, DataError) as err:  # disk full, diverged, a bad file
-        print(f"itop-train: error: {err}", file=sys.stderr)
-        return 2
+        return print_error("itop-train", str(err))
     finally:
         trainer.close()
     return 0

@@ -416,7 +416,8 @@ def test_a_piece_of_state_the_run_does_not_have_is_named(run, capsys):
 @pytest.mark.slow
 def test_two_runs_at_once_on_one_folder(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "launcher.train", *shlex.split(f"{BASE} --epochs 30"),
+    # Long enough that it is still running when the second run (a fresh interpreter) gets there.
+    first = subprocess.Popen([sys.executable, "-m", "launcher.train", *shlex.split(f"{BASE} --epochs 3000"),
                               "--output-dir", str(out)], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -424,7 +425,7 @@ def test_two_runs_at_once_on_one_folder(tmp_path):
         while not (out / "metrics.jsonl").exists() and __import__("time").time() < deadline:
             __import__("time").sleep(0.05)
         lock = (out / ".lock").read_bytes()
-        line = refused(f"{BASE} --epochs 30 --resume auto", out, "in use by another run",
+        line = refused(f"{BASE} --epochs 3000 --resume auto", out, "in use by another run",
                        folder_unchanged=False)  # the first run is writing it
         assert (out / ".lock").read_bytes() == lock and first.poll() is None
         assert f"PID {first.pid} on" in line

@@ -131,7 +131,9 @@ def test_suptickets_seed_command_runs_on_a_tiny_on_disk_cifar100(fake_cifar100_l
 
     cfg = parse_config(seed_command("cifar100_resnet50_suptickets_granet.yaml") + [
         "--data-dir", str(fake_cifar100_large.root), "--max-steps", "1", "--output-dir",
-        str(tmp_path / "run"), "--device", "cpu", "--no-progress", "--no-wandb", "--no-plots"])
+        str(tmp_path / "run"), "--device", "cpu", "--no-progress", "--no-wandb", "--no-plots",
+        # 1-step epochs: the recipe's 1000-step frequency holds no update in the pruning window
+        "--update_frequency", "10"])
     trainer = Trainer(cfg)
     try:
         summary = trainer.fit()
