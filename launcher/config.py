@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import pathlib
 import tomllib
@@ -528,10 +527,11 @@ class ConfigError(ValueError):
 def print_error(prog: str, message: str) -> int:
     """Print ``<prog>: error: <message>`` on stderr and return exit status 2.
 
-    The line goes out in one ``write(2)`` (atomic below PIPE_BUF on a pipe), so the refusals of
-    several ranks sharing one stderr never run into each other."""
+    The line is one ``write`` call with its newline (``print`` makes two; an unbuffered stderr,
+    as under ``accelerate launch``, sends each out on its own), so the refusals of several
+    ranks sharing one stderr never run into each other."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
     sys.stderr.flush()
-    os.write(2, f"{prog}: error: {message}\n".encode())
     return 2
 
 
