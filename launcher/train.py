@@ -5,13 +5,24 @@
 
 Parses the configuration, builds the trainer, trains, and always closes it. Bad input
 (flags, files, data folders, checkpoints of another run) ends with one line on stderr and
-exit status 2, before any training.
+exit status 2, before any training. A stop signal (SIGUSR1, SIGTERM, SIGINT) ends in a
+checkpoint and exit status 0 (``launcher/preemption.py``).
+
+A process of a multi-process run leaves with ``os._exit`` once it is done (after the atexit
+handlers, with stdout and stderr flushed), without the interpreter's finalization: gloo's
+worker threads may still be releasing the last collective's tensors then, and a thread that
+needs the GIL while the interpreter finalizes is ended by ``pthread_exit``, which aborts the
+process (``terminate called without an active exception``, exit status 1 from the launcher).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
+import threading
+from typing import NoReturn
 
 from launcher.checkpoint import CheckpointError
 from launcher.config import parse_config, print_error
@@ -20,22 +31,64 @@ from launcher.config import parse_config, print_error
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
-        from launcher.trainer import Trainer  # after parsing: --help stays fast
+    except ValueError as err:
+        return print_error("itop-train", str(err))
+    from launcher.preemption import listen, restore  # after parsing: --help stays fast
+
+    previous = listen()  # a stop signal while the trainer is being built: acted on at the first step
+    try:
+        code, many = _train(cfg)
+    except BaseException:
+        restore(previous)
+        raise
+    if many:
+        _leave(code)  # does not return
+    restore(previous)
+    return code
+
+
+def _train(cfg) -> tuple[int, bool]:
+    """Build, train, close: (exit status, whether this process was one of several)."""
+    try:
+        from launcher.trainer import Trainer
 
         trainer = Trainer(cfg)
     except ValueError as err:
-        return print_error("itop-train", str(err))
+        return print_error("itop-train", str(err)), _process_group()
     logging.basicConfig(level=logging.WARNING)
     from data_pipelines import DataError
     from launcher.trainer import DivergedError
 
+    code, many = 0, _process_group()
     try:
         trainer.fit()
     except (CheckpointError, DivergedError, DataError) as err:  # disk full, diverged, a bad file
-        return print_error("itop-train", str(err))
+        code = print_error("itop-train", str(err))
     finally:
         trainer.close()
-    return 0
+    return code, many
+
+
+def _process_group() -> bool:
+    """Whether this process is one of several in a process group."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit with ``code`` at once, skipping the interpreter's finalization (see the module's
+    docstring) but not what a normal exit does before it: wait for the non-daemon threads,
+    run the atexit handlers (W&B, logging), flush stdout and stderr."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

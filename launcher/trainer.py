@@ -498,9 +498,10 @@ class Trainer:
         self._save(False)
         self.tracker.finish()
         requeued = self.preemption.requeue(self.accelerator.is_main_process)
-        record = {"preempted": True, "requeued": requeued, "signal": int(self.preemption.received)}
+        record = {"preempted": True, "requeued": requeued, "signal": self.preemption.signal,
+                  "signal_name": self.preemption.signal_name}
         self.tracker.log(record, self.state.step, self.state.epoch)  # metrics.jsonl: W&B is closed
-        self._print(f"stop signal: checkpoint at step {self.state.step} written"
+        self._print(f"stop signal {record['signal_name']}: checkpoint at step {self.state.step} written"
                     + ("; job requeued" if requeued else "; resume with --resume auto"))
         return {**record, "step": self.state.step}
 

@@ -38,14 +38,16 @@
 #                        ITOP_PROCS_PER_NODE instead of --gpus-per-node for CPU nodes)
 #
 # Signals. SLURM's warning (`#SBATCH --signal=USR1@T`: every process of the step gets SIGUSR1
-# T seconds before the time limit) and SIGTERM (preemption, scancel, the time limit itself)
-# must reach the training processes, which then all checkpoint at the same step boundary and
-# requeue the job (launcher/preemption.py). accelerate's launcher (torchrun's agent) would die
-# of SIGUSR1, and on SIGTERM kill its workers after 30 s; it therefore runs with both ignored
-# (PET_SIGNALS_TO_HANDLE without SIGTERM) and waits for its workers, which install their own
-# handlers. This script forwards both signals to the workers as well, for sites whose
+# T seconds before the time limit), SIGTERM (preemption, scancel, the time limit itself) and
+# SIGINT (Ctrl-C twice on srun) must reach the training processes, which then all checkpoint at
+# the same step boundary, exit 0, and after the warning requeue the job (launcher/preemption.py).
+# accelerate's launcher (torchrun's agent) would die of SIGUSR1, and on SIGTERM or SIGINT send it
+# on, SIGKILL its workers 30 s later and exit 1; it therefore runs with all three ignored
+# (PET_SIGNALS_TO_HANDLE without SIGTERM and SIGINT) and waits for its workers, which install
+# their own handlers. This script forwards USR1 and TERM to the workers as well, and SIGINT as
+# SIGTERM (the same stop; a worker takes a second SIGINT as "abort now"), for sites whose
 # process tracking signals only the task's process group (torchrun starts every worker in a
-# session of its own). A signal received twice is the same request.
+# session of its own). A USR1 or TERM received twice is the same request.
 set -euo pipefail
 
 die() { echo "slurm/launch.sh: error: $*" >&2; exit 2; }
@@ -177,13 +179,13 @@ if [[ "${ITOP_DRY_RUN:-0}" == 1 ]]; then
 fi
 
 # --- run, with the stop signals forwarded to the workers --------------------------------------
-# torchrun's agent: leave SIGTERM to the workers (PET_*: torch.distributed.run's own default)
-export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
-(trap '' USR1 TERM; exec "${cmd[@]}") &
+# torchrun's agent: leave SIGTERM and SIGINT to the workers (PET_*: torch.distributed.run's own)
+export PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
+(trap '' USR1 TERM INT; exec "${cmd[@]}") &
 launcher=$!
 forward() { pkill "-$1" -P "$launcher" 2>/dev/null || true; }
 trap 'forward USR1' USR1
-trap 'forward TERM' TERM
+trap 'forward TERM' TERM INT
 status=0
 while :; do
     wait "$launcher" && status=0 || status=$?
