@@ -34,15 +34,21 @@ from itop_dist.state import SparseState
 log = logging.getLogger("itop_dist")
 
 MASKED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Path components that wrappers insert into parameter names: DDP's ``module`` (only ever the
+# first), and torch.compile's, FSDP's and activation checkpointing's private names (anywhere:
+# nested wrapping puts them in the middle). A user's own ``module``/``submodule`` stays.
+LEADING_WRAPPERS = ("module", "_orig_mod")
+INNER_WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 def canonical_name(name: str) -> str:
-    """Parameter name without DDP / torch.compile / FSDP wrapper prefixes, so masks saved
-    from a wrapped model load into an unwrapped one and back."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """Parameter name without DDP / torch.compile / FSDP / checkpoint-wrapper components, so
+    masks saved from a wrapped model load into an unwrapped one and back. Only whole dotted
+    components are removed (``submodule.weight`` stays as it is)."""
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] in LEADING_WRAPPERS:
+        parts = parts[1:]
+    return ".".join(p for p in parts if p not in INNER_WRAPPERS)
 
 
 def maskable_parameters(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:

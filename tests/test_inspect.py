@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from launcher.inspect import main
+from launcher.plan import main
 
 BIN = pathlib.Path(sys.executable).parent
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     script = BIN / "itop-inspect"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "launcher.inspect"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "launcher.plan"]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
 
 

@@ -256,6 +256,23 @@ def test_sparse_core_never_imports_the_rest():
                 assert name.split(".")[0] not in {"models", "data_pipelines", "launcher"}, path
 
 
+def test_no_module_of_ours_shadows_the_standard_library():
+    """``python launcher/train.py`` puts launcher/ first on sys.path: a launcher/inspect.py
+    was imported for the standard library's ``inspect`` (a partially initialised module)."""
+    import sys
+
+    ours = {p.stem for pkg in ("itop_dist", "models", "data_pipelines", "launcher")
+            for p in (REPO / pkg).rglob("*.py")} | {p.name for pkg in ("itop_dist", "models",
+                                                    "data_pipelines", "launcher")
+                                                    for p in (REPO / pkg).rglob("*") if p.is_dir()}
+    assert not ours & set(sys.stdlib_module_names)
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"), "--help"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and "--density" in proc.stdout, proc.stderr[-2000:]
+
+
 # --- every optimizer state follows the masks; dense layers are never explored ----------------
 
 OPTIMIZERS = {
@@ -438,3 +455,19 @@ def test_weights_zeroed_per_update_are_exactly_those_the_sparse_layers_prune(red
             assert {n: zeroed[n] for n in expected} == expected
             assert sp.state.nonzeros() == {n: int(m.sum()) for n, m in masks.items()}
         assert sum(sp.state.nonzeros().values()) == sum(int(m.sum()) for m in masks.values())
+
+
+@pytest.mark.parametrize("wrapped,name", [
+    ("module.features.0.weight", "features.0.weight"),                          # DDP
+    ("_orig_mod.module.fc.weight", "fc.weight"),                                 # compiled DDP
+    ("module._orig_mod.fc.weight", "fc.weight"),                                 # DDP of compiled
+    ("layer1._fsdp_wrapped_module.0.conv1.weight", "layer1.0.conv1.weight"),     # nested FSDP unit
+    ("blocks.2._checkpoint_wrapped_module.attn.qkv.weight", "blocks.2.attn.qkv.weight"),
+    ("submodule.weight", "submodule.weight"),                                    # "module." inside a name
+    ("encoder.module.weight", "encoder.module.weight"),                          # a user's own "module"
+    ("module.submodule.module.weight", "submodule.module.weight"),
+])
+def test_canonical_name_removes_whole_wrapper_components_only(wrapped, name):
+    from itop_dist.sparsifier import canonical_name
+
+    assert canonical_name(wrapped) == name
