@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import DataError
 from .config import DataConfig
 from .loader import BatchLoader
 from .registry import DatasetSpec, get_dataset_fn, get_loaders_fn
@@ -62,10 +63,10 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
     split = spec.valid_split if cfg.valid_split is None else cfg.valid_split
     cut = train_valid_cut(len(spec.train_y), split)
     if cut == 0 or (split > 0 and cut == len(spec.train_y)):
-        raise ValueError(f"--valid-split: {split} of {len(spec.train_y)} training samples leaves "
+        raise DataError(f"--valid-split: {split} of {len(spec.train_y)} training samples leaves "
                          f"an empty part; choose a value further from 0 or 1")
     if cut // world_size < cfg.batch_size:
-        raise ValueError(f"--batch-size: {cfg.batch_size} per process x {world_size} processes exceeds "
+        raise DataError(f"--batch-size: {cfg.batch_size} per process x {world_size} processes exceeds "
                          f"the {cut} training samples; use a smaller batch")
 
     def loader(x: torch.Tensor, y: torch.Tensor, train: bool) -> BatchLoader:

@@ -893,10 +893,10 @@ def resolve_loader(name: str) -> str:
         return name
     ok, why = dali_available()
     if name == "dali" and not ok:
-        raise ValueError(f"--loader dali: NVIDIA DALI cannot be imported ({why}); install it with "
+        raise DataError(f"--loader dali: NVIDIA DALI cannot be imported ({why}); install it with "
                          f"pip install -e '.[dali]' or pass --loader torchvision")
     if name not in ("auto", "dali"):
-        raise ValueError(f"--loader {name!r}: choose auto, dali or torchvision")
+        raise DataError(f"--loader {name!r}: choose auto, dali or torchvision")
     return "dali" if ok else "torchvision"
 
 
@@ -927,14 +927,14 @@ def build_imagenet(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 
     """The ImageNet loaders of global ``rank``: train, no separate validation split (``val``
     None), and the ``val/`` folder as ``test`` (there is no labelled test set)."""
     if cfg.valid_split:
-        raise ValueError(f"--valid-split {cfg.valid_split}: not supported for imagenet; its val/ "
+        raise DataError(f"--valid-split {cfg.valid_split}: not supported for imagenet; its val/ "
                          f"split is the evaluation set")
     backend = resolve_loader(cfg.loader)  # before listing 1.28M files
     gpu = use_gpu(cfg.decode_device)
     train = scan_split(cfg.data_dir, "train")
     val = scan_split(cfg.data_dir, "val", classes=train.classes)
     if len(train) // world_size < cfg.batch_size:
-        raise ValueError(f"--batch-size: {cfg.batch_size} per process x {world_size} processes exceeds "
+        raise DataError(f"--batch-size: {cfg.batch_size} per process x {world_size} processes exceeds "
                          f"the {len(train)} training images; use a smaller batch")
     if backend == "dali":
         from .dali import DaliLoader as cls

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 
+from .errors import DataError
 from models.registry import DatasetInfo
 
 from .transforms import CropFlip
@@ -61,24 +62,24 @@ class DatasetSpec:
     valid_split: float = 0.0
 
     def check(self, name: str) -> None:
-        """Raise ``ValueError`` naming the dataset if tensors disagree with ``info``.
+        """Raise ``DataError`` naming the dataset if tensors disagree with ``info``.
 
         Catches files that torchvision reads without complaint but that hold the wrong thing
         (another dataset's files, labels out of range), before a training run trips on them.
         """
         channels = self.info.input_shape[0]
         if len(self.mean) != channels or len(self.std) != channels:
-            raise ValueError(f"--data {name}: mean/std need {channels} channel values")
+            raise DataError(f"--data {name}: mean/std need {channels} channel values")
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
             where = f"--data {name}: {split} split"
             if x.dtype not in (torch.uint8, torch.float32) or tuple(x.shape[1:]) != self.info.input_shape:
-                raise ValueError(f"{where} has {x.dtype} images of shape {tuple(x.shape[1:])}, "
+                raise DataError(f"{where} has {x.dtype} images of shape {tuple(x.shape[1:])}, "
                                  f"expected uint8/float32 of shape {self.info.input_shape}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
-                raise ValueError(f"{where} has {y.dtype} labels of shape {tuple(y.shape)} "
+                raise DataError(f"{where} has {y.dtype} labels of shape {tuple(y.shape)} "
                                  f"for {x.shape[0]} images, expected int64 ({x.shape[0]},)")
             if len(y) and not (0 <= int(y.min()) and int(y.max()) < self.info.num_classes):
-                raise ValueError(f"{where} has labels outside [0, {self.info.num_classes})")
+                raise DataError(f"{where} has labels outside [0, {self.info.num_classes})")
 
 
 DatasetFn = Callable[["DataConfig"], DatasetSpec]
@@ -130,14 +131,14 @@ def list_datasets() -> list[str]:
 def check_dataset(name: str) -> None:
     """``ValueError`` naming ``--data`` and listing the known names unless ``name`` is registered."""
     if name not in _REGISTRY and name not in _LOADERS:
-        raise ValueError(f"--data: unknown dataset {name!r}; known: {', '.join(list_datasets())}")
+        raise DataError(f"--data: unknown dataset {name!r}; known: {', '.join(list_datasets())}")
 
 
 def get_dataset_fn(name: str) -> DatasetFn:
     """The in-memory function registered as ``name``; ``ValueError`` naming ``--data`` if none is."""
     check_dataset(name)
     if name not in _REGISTRY:
-        raise ValueError(f"--data: {name!r} is read from files, not loaded into memory; "
+        raise DataError(f"--data: {name!r} is read from files, not loaded into memory; "
                          f"use build_loaders")
     return _REGISTRY[name]
 

@@ -4,9 +4,10 @@
     accelerate launch -m launcher.train --config configs/cifar10_vgg-c_rigl_itop.yaml
 
 Parses the configuration, builds the trainer, trains, and always closes it. Bad input
-(flags, files, data folders, checkpoints of another run) ends with one line on stderr and
-exit status 2, before any training. A stop signal (SIGUSR1, SIGTERM, SIGINT) ends in a
-checkpoint and exit status 0 (``launcher/preemption.py``).
+(``ConfigError``, ``CheckpointError``, ``DataError``: flags, files, data folders, checkpoints
+of another run) ends with one line on stderr and exit status 2, before any training; any
+other exception is a bug and keeps its traceback. A stop signal (SIGUSR1, SIGTERM, SIGINT)
+ends in a checkpoint and exit status 0 (``launcher/preemption.py``).
 
 A process of a multi-process run leaves with ``os._exit`` once it is done (after the atexit
 handlers, with stdout and stderr flushed), without the interpreter's finalization: gloo's
@@ -25,13 +26,13 @@ import threading
 from typing import NoReturn
 
 from launcher.checkpoint import CheckpointError
-from launcher.config import parse_config, print_error
+from launcher.config import ConfigError, parse_config, print_error
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
-    except ValueError as err:
+    except ConfigError as err:
         return print_error("itop-train", str(err))
     from launcher.preemption import listen, restore  # after parsing: --help stays fast
 
@@ -49,15 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg) -> tuple[int, bool]:
     """Build, train, close: (exit status, whether this process was one of several)."""
-    try:
-        from launcher.trainer import Trainer
+    from data_pipelines import DataError
+    from launcher.trainer import DivergedError, Trainer
 
+    try:
         trainer = Trainer(cfg)
-    except ValueError as err:
+    except (ConfigError, CheckpointError, DataError) as err:  # bad input; anything else is a bug
         return print_error("itop-train", str(err)), _process_group()
     logging.basicConfig(level=logging.WARNING)
-    from data_pipelines import DataError
-    from launcher.trainer import DivergedError
 
     code, many = 0, _process_group()
     try:

@@ -112,9 +112,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
+        precision = _resolve_precision(cfg)
+        if precision == "fp16" and (cfg.device == "cpu" or not torch.cuda.is_available()):
+            raise ConfigError("--mixed-precision fp16 (or the launcher's fp16): fp16 needs a CUDA GPU, "
+                              "this run is on cpu; use bf16 or no")
         self.accelerator = acc = Accelerator(
             cpu=cfg.device == "cpu",
-            mixed_precision=_resolve_precision(cfg),
+            mixed_precision=precision,
             step_scheduler_with_optimizer=False,  # the schedule is defined per optimizer step
             log_with="wandb" if cfg.log.wandb and wandb_available() else None,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.dist_timeout))],
@@ -125,9 +129,6 @@ class Trainer:
         if differ:
             raise ConfigError(f"the processes of this job were started with different settings "
                               f"({'; '.join(differ[:3])}); start every rank with the same command")
-        if acc.mixed_precision == "fp16" and acc.device.type != "cuda":
-            raise ConfigError(f"--mixed-precision fp16 (or the launcher's fp16): fp16 needs a CUDA GPU, "
-                              f"this run is on {acc.device.type}; use bf16 or no")
         set_seed(cfg.seed)  # the same on every rank: identical initial weights and masks
         self.loaders = build_loaders(cfg.data, seed=cfg.seed, rank=acc.process_index,
                                      world_size=acc.num_processes)
@@ -164,7 +165,7 @@ class Trainer:
         optimizer = _build_optimizer(model, cfg)
         self.steps_per_epoch = len(self.loaders.train) // cfg.optim.accumulate
         if self.steps_per_epoch == 0:
-            raise ValueError(f"--grad-accum-steps {cfg.optim.accumulate}: more than the "
+            raise ConfigError(f"--grad-accum-steps {cfg.optim.accumulate}: more than the "
                              f"{len(self.loaders.train)} batches per epoch of each process")
         self.total_steps = total_steps(self.steps_per_epoch, cfg.schedule.epochs, cfg.schedule.multiplier)
         t = cfg.tickets
@@ -172,7 +173,7 @@ class Trainer:
         self.pretrain_epochs, cyclic = (phases(epochs, t.cycle, t.cycle_rate, t.cyclic_epochs)
                                         if t.enabled else (epochs, 0))
         if t.enabled and cyclic and t.pretrain_epochs not in (None, self.pretrain_epochs):
-            raise ValueError(f"--pretrain_epoch {t.pretrain_epochs}: the cycles leave "
+            raise ConfigError(f"--pretrain_epoch {t.pretrain_epochs}: the cycles leave "
                              f"{self.pretrain_epochs} pre-train epochs; adjust --cyclic_epochs/--cycle")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         if sharded:  # FSDP2 owns the model and optimizer state; Accelerate the rest

@@ -117,6 +117,26 @@ def test_bad_input_exits_2_with_one_line_and_no_run_folder(tmp_path):
         assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("where", ["launcher.trainer._build_optimizer", "launcher.trainer.build_loaders"])
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys, where):
+    """A ValueError from inside (not bad input: no ConfigError/DataError/CheckpointError) is a
+    bug: it propagates with its traceback instead of becoming a one-line exit 2."""
+    import importlib
+
+    from launcher.train import main
+
+    module, name = where.rsplit(".", 1)
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(importlib.import_module(module), name, broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["--sparse", "--data", "digits", "--model", "digits-mlp", "--device", "cpu", "--no-wandb",
+              "--output-dir", str(tmp_path / "run")])
+    assert "itop-train: error" not in capsys.readouterr().err
+
+
 def readme_quick_start() -> str:
     """The flags of the README's main command (after ``itop-train``)."""
     readme = (REPO / "README.md").read_text()
