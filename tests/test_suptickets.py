@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import models
 from data_pipelines import DataConfig, build_loaders
-from launcher.suptickets import cut_to_density, cyclic_lr, phases, superpose
+from launcher.suptickets import SuperTickets, cut_to_density, cyclic_lr, phases, superpose
 from test_train import read_metrics, train
 
 # GraNet pre-training for 12 epochs (pruning 0.5 -> 0.05 by epoch 6), then 2 cycles of 2
@@ -37,10 +37,36 @@ def test_cyclic_lr_is_a_low_high_low_triangle():
 def test_superposition_and_cut():
     s0 = {"w": torch.tensor([1.0, 0.0, 3.0, 0.0]), "n": torch.tensor(5)}
     t1 = {"w": torch.tensor([3.0, 2.0, 0.0, 0.0]), "n": torch.tensor(9)}
-    caa = superpose(s0, t1, 1 / 2)
-    assert torch.equal(caa["w"], torch.tensor([2.0, 1.0, 1.5, 0.0])) and int(caa["n"]) == 9
-    cut = cut_to_density(caa, ["w"], 0.5)
-    assert torch.equal(cut["w"], torch.tensor([2.0, 0.0, 1.5, 0.0]))
+    mixed = superpose(s0, t1, 0.25)  # 0.75 previous + 0.25 ticket
+    assert torch.equal(mixed["w"], torch.tensor([1.5, 0.5, 2.25, 0.0])) and int(mixed["n"]) == 9
+    cut = cut_to_density(mixed, ["w"], 0.5)
+    assert torch.equal(cut["w"], torch.tensor([1.5, 0.0, 2.25, 0.0]))
+
+
+S0 = {"w": torch.tensor([1.0, 0.0, 3.0, 4.0]), "b": torch.tensor([1.0]), "n": torch.tensor(5)}
+TICKETS = [{"w": torch.tensor([3.0, 2.0, 0.0, 8.0]), "b": torch.tensor([4.0]), "n": torch.tensor(9)},
+           {"w": torch.tensor([6.0, 3.0, 3.0, 0.0]), "b": torch.tensor([7.0]), "n": torch.tensor(11)}]
+
+
+@pytest.mark.parametrize("method,factor,density,expected", [
+    # CAA: S_j is the running mean of S_0, T_1 .. T_j (factor 1/(j+1)): (S0 + T1 + T2) / 3
+    ("CAA", 0.3, 1.0, [[2.0, 1.0, 1.5, 6.0], [10 / 3, 5 / 3, 2.0, 4.0]]),
+    # CIMA: S_j = (1 - f) S_{j-1} + f T_j with f = 0.3 (asymmetric: a swapped argument fails)
+    ("CIMA", 0.3, 1.0, [[1.6, 0.6, 2.1, 5.2], [2.92, 1.32, 2.37, 3.64]]),
+    # and cut to density 0.5 after each superposition: the 2 largest |w| of 4 stay
+    ("CIMA", 0.3, 0.5, [[0.0, 0.0, 2.1, 5.2], [0.0, 0.0, 2.37, 3.64]]),
+])
+def test_supertickets_superpose_with_the_papers_weights(tmp_path, method, factor, density, expected):
+    tickets = SuperTickets(method, factor, density, ["w"], tmp_path)
+    tickets.start(S0)
+    for ticket, want in zip(TICKETS, expected):
+        got = tickets.add(ticket)
+        assert torch.allclose(got["w"], torch.tensor(want), atol=1e-6), (method, got["w"])
+        assert int(got["n"]) == int(ticket["n"])  # counters from the newest ticket
+    # b is unmasked: superposed, never cut
+    f1, f2 = (0.5, 1 / 3) if method == "CAA" else (factor, factor)
+    b1 = (1 - f1) * 1.0 + f1 * 4.0
+    assert float(got["b"]) == pytest.approx((1 - f2) * b1 + f2 * 7.0)
 
 
 @pytest.fixture(scope="module")
