@@ -1,7 +1,7 @@
 """The built-in datasets: MNIST, CIFAR-10/100 (torchvision), scikit-learn digits, synthetic.
 
 The torchvision ones are read by torchvision's own dataset classes from its on-disk format
-under ``--data-dir`` and kept as uint8 tensors; preprocessing follows algorithms.md §6.6 (REF).
+under ``--data-dir`` and kept as uint8 tensors; preprocessing follows docs/algorithms.md §6.6 (REF).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ training, and over the training split with ``--check-data``), and by either pipe
 it iterates: a DataLoader worker sends its failure back as text, DALI's failures are traced
 to the file (PIL decodes the batches in flight, then DALI decodes them one by one).
 
-Both apply the reference augmentation (algorithms.md §6.6): training RandomResizedCrop to
+Both apply the reference augmentation (docs/algorithms.md §6.6): training RandomResizedCrop to
 ``--image-size`` (area 0.08-1, aspect 3/4-4/3, 10 attempts, then a centre crop) + horizontal
 flip (p 0.5); evaluation resizes the shorter side to round(image_size * 256/224) (256 for
 224) and takes the centre crop; both normalise with the ImageNet mean/std.

@@ -30,7 +30,7 @@ class SparseConfig:
     density: fraction of masked weights that are non-zero, in (0, 1].
     sparse_init: layer-density rule, ``ERK`` (default), ``ER``, ``uniform`` or ``er_itop``.
     exact_init: exactly round(d_l N_l) weights per layer (True) or a Bernoulli draw (parity).
-    death / growth / redistribution: prune, regrow and budget rules (spec 3, 4, 5); growth
+    death / growth / redistribution: prune, regrow and budget rules (docs/algorithms.md §3, §4, §5); growth
         defaults to ``gradient`` for GraNet and ``random`` (SET) otherwise.
     death_rate: initial prune fraction r0; decayed to ``death_rate_min`` by ``decay_schedule``.
     update_frequency: optimizer steps between mask updates; None = static (``--fix``).
@@ -39,7 +39,7 @@ class SparseConfig:
         the reference's "a weight pruned and regrown in one update keeps its value".
     mask_momentum: zero the SGD momentum of inactive weights after every step (the CIFAR
         cores); None = True except for momentum growth, which needs the momentum of inactive
-        weights (sparse momentum, spec 4.3).
+        weights (sparse momentum, docs/algorithms.md §4.3).
     apply_mode: how masks are multiplied in: ``float`` keeps a float copy of each mask
         (fastest on CPU, measured in benchmarks/), ``bool`` multiplies by the bool mask,
         ``auto`` picks the measured fastest for the device.
@@ -71,7 +71,7 @@ class SparseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.redistribution == "nonzero":  # the reference's registry key (spec P8)
+        if self.redistribution == "nonzero":  # the reference's registry key (docs/algorithms.md §12.2, pitfall 8)
             self.redistribution = "nonzeros"
         if self.growth is None:  # GraNet's regrowth is by gradient; ITOP's main.py default is SET
             self.growth = "gradient" if self.method.startswith("GraNet") else "random"

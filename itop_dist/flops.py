@@ -1,4 +1,4 @@
-"""FLOPs accounting (spec section 8): the RigL / ITOP convention, keyed by parameter name.
+"""FLOPs accounting (docs/algorithms.md §8): the RigL / ITOP convention, keyed by parameter name.
 
 * FLOPs = 2 x multiply-accumulates of the conv and linear layers only; batch norm,
   activations, pooling, biases, residual adds and the loss are ignored.
@@ -141,7 +141,7 @@ def step_flops(f_dense: float, f_sparse: float, growth: str | None, update_step:
 def train_step_flops(
     f_dense: float, f_sparse: float, growth: str | None, update_frequency: int | None
 ) -> float:
-    """Steady-state training FLOPs per sample per step of a method (spec 8).
+    """Steady-state training FLOPs per sample per step of a method (docs/algorithms.md §8.2).
 
     growth None: dense. ``update_frequency`` None: masks never change, 3 f_S whatever the
     growth. Gradient growth every ΔT steps: RigL's (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1). This
@@ -216,7 +216,7 @@ class FlopsCounter:
 
     def count_forward(self, samples: int) -> float:
         """Forward-only passes at the current densities (e.g. Sup-tickets' batch-norm
-        recalibration), added to the training total as the spec asks; returns the FLOPs."""
+        recalibration), added to the training total (docs/algorithms.md §8.3); returns the FLOPs."""
         cost = self.f_sparse * samples
         self.total += cost
         return cost

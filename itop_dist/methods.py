@@ -39,7 +39,7 @@ def list_methods() -> list[str]:
 
 
 def mask_generator(seed: int, update: int, layer: int) -> torch.Generator:
-    """A CPU generator seeded by (seed, update index, layer index) (spec 12.1): the same draws
+    """A CPU generator seeded by (seed, update index, layer index) (docs/algorithms.md §12.1): the same draws
     whatever ran before, so a resumed run and every rank agree without saving RNG state."""
     mixed = (seed * 1_000_003 + update) * 1_000_033 + layer
     return torch.Generator().manual_seed(mixed % (2**63))
@@ -129,7 +129,7 @@ class Static(Method):
 @register_method("DST")
 class DynamicSparse(Method):
     """Prune and regrow at a fixed density: SET (random growth), RigL (gradient) or sparse
-    momentum (momentum), with the ITOP schedules (spec 3-6)."""
+    momentum (momentum), with the ITOP schedules (docs/algorithms.md §3-§6)."""
 
     def __init__(self, config: SparseConfig, total_steps: int, epoch_steps: float | None = None) -> None:
         super().__init__(config, total_steps, epoch_steps)
@@ -151,7 +151,7 @@ def prune_and_regrow(
     threshold: float = 1e-3,
     seed: int = 0,
 ) -> UpdateResult:
-    """One prune-and-regrow update over all layers (spec 3, 4, 5).
+    """One prune-and-regrow update over all layers (docs/algorithms.md §3, §4, §5).
 
     Per layer, num_remove = ceil(r_l * nnz_l) weights are pruned by ``death``; the same number
     (``redistribution='none'``) or a share of the total removed (otherwise) is regrown by
@@ -206,11 +206,11 @@ def prune_and_regrow(
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense-to-sparse: gradual magnitude pruning (GMP) and GraNet (spec section 9)
+# Dense-to-sparse: gradual magnitude pruning (GMP) and GraNet (docs/algorithms.md §9)
 
 
 def cubic_density(c: int, c0: int, c1: int, d_init: float, d_final: float) -> float:
-    """Zhu & Gupta's cubic schedule as a density, at prune iteration ``c`` (spec 9.1):
+    """Zhu & Gupta's cubic schedule as a density, at prune iteration ``c`` (docs/algorithms.md §9.1):
     d_f + (d_i - d_f) (1 - (c - c0) / (c1 - c0))^3, from d_i at c0 to exactly d_f at c1."""
     x = min(max((c - c0) / max(c1 - c0, 1), 0.0), 1.0)
     return d_final + (d_init - d_final) * (1.0 - x) ** 3
@@ -219,7 +219,7 @@ def cubic_density(c: int, c0: int, c1: int, d_init: float, d_final: float) -> fl
 def global_magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                            keep: int) -> dict[str, torch.Tensor]:
     """Keep exactly ``keep`` active weights of largest |W| over all layers together (ties by
-    position). Never activates a weight; unlike the reference's |W| >= tau (spec P11) an
+    position). Never activates a weight; unlike the reference's |W| >= tau (docs/algorithms.md §12.2, pitfall 11) an
     all-zero or already-sparse network cannot turn dense."""
     names = list(masks)
     scores = torch.cat([torch.where(masks[n], weights[n].detach().abs().float(), -1.0).reshape(-1)
@@ -232,10 +232,10 @@ def global_magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, to
 
 def uniform_magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                             density: float) -> dict[str, torch.Tensor]:
-    """Layer-wise gradual pruning (spec 9.3): every layer keeps int(N_l d) largest |W|; once
+    """Layer-wise gradual pruning (docs/algorithms.md §9.3): every layer keeps int(N_l d) largest |W|; once
     the sparsity reaches 0.8 the classifier (the last masked layer) keeps density 0.2 and the
     other layers share the rest. The totals come from the masks themselves (the reference
-    needed ERK's bookkeeping and divided by zero without it, P18)."""
+    needed ERK's bookkeeping and divided by zero without it, docs/algorithms.md §12.2, pitfall 18)."""
     names = list(masks)
     numel = {n: masks[n].numel() for n in names}
     per_layer = {n: density for n in names}

@@ -1,4 +1,4 @@
-"""When masks change and by how much (spec section 6).
+"""When masks change and by how much (docs/algorithms.md §6).
 
 Steps count optimizer steps: step s is the state after s completed steps, so the first mask
 update happens after ``update_frequency`` steps.

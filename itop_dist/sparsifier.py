@@ -52,7 +52,7 @@ def canonical_name(name: str) -> str:
 
 
 def maskable_parameters(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
-    """Conv and linear weights (spec 1.1), first and last layer included, by canonical name.
+    """Conv and linear weights (docs/algorithms.md §1.1), first and last layer included, by canonical name.
 
     Biases, normalisation and embedding parameters stay dense. Names containing any of
     ``exclude`` stay dense too (e.g. ``("conv1.weight",)`` for ``--rm-first``).
@@ -224,7 +224,7 @@ class Sparsifier:
 
     @property
     def itop_rate(self) -> float:
-        """Explored fraction of the masked weights since the start (R_s, spec section 7)."""
+        """Explored fraction of the masked weights since the start (R_s, docs/algorithms.md §7)."""
         return self.state.itop_rate
 
     @property
@@ -270,7 +270,7 @@ class Sparsifier:
                 and _local(t).shape == local_shape]
 
     def _momentum_score(self, p: torch.Tensor) -> torch.Tensor | None:
-        """SGD's momentum buffer, or Adam's exp_avg / (sqrt(exp_avg_sq) + 1e-8) (spec 4.3)."""
+        """SGD's momentum buffer, or Adam's exp_avg / (sqrt(exp_avg_sq) + 1e-8) (docs/algorithms.md §4.3)."""
         state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
         if "momentum_buffer" in state:
             return state["momentum_buffer"]

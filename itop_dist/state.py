@@ -17,7 +17,7 @@ from itop_dist.topology import pack_bits, unpack_bits
 class SparseState:
     """masks[name], fired[name]: bool tensors with the parameter's full shape.
 
-    ``fired`` is the union of every mask used so far (spec section 7): it only grows.
+    ``fired`` is the union of every mask used so far (docs/algorithms.md §7): it only grows.
     step: optimizer steps taken; updates: mask updates done.
     """
 
@@ -55,7 +55,7 @@ class SparseState:
 
     @property
     def itop_rate(self) -> float:
-        """R_s: explored positions / masked weights, in [0, 1] (spec section 7)."""
+        """R_s: explored positions / masked weights, in [0, 1] (docs/algorithms.md §7)."""
         return sum(int(f.sum()) for f in self.fired.values()) / self.masked_params
 
     def layer_itop_rates(self) -> dict[str, float]:

@@ -5,8 +5,8 @@ explicit ``torch.Generator`` where randomness is needed) to tensors, so rank 0 c
 tests can check them on the CPU. Masks are ``torch.bool`` tensors with the weight's shape;
 ``True`` marks an active (non-zero) weight.
 
-Spec: ``shared/design/algorithms.md`` sections 2 (initial densities), 3 (prune), 4 (growth)
-and 5 (redistribution).
+Design note: ``docs/algorithms.md`` §2 (initial densities), §3 (prune), §4 (growth) and §5
+(redistribution); bare section numbers below refer to it.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class ScheduleConfig:
     warmup_epochs: lr (e + 1) / (W + 1) in epoch e < W (ImageNet recipe).
     max_steps: stop after this many optimizer steps (smoke tests, benchmarks).
     eval_every: evaluate every N steps as well as at each epoch end (None: epoch ends only).
-    decay_frequency: accepted for the papers' commands; unused there and here (spec 6.5).
+    decay_frequency: accepted for the papers' commands; unused there and here (docs/algorithms.md §6.5).
     """
 
     epochs: float = 250
@@ -143,7 +143,7 @@ class LogConfig:
 
 @dataclass
 class TicketsConfig:
-    """Sup-tickets (``--pre_train --cyclic_train``; spec section 10, launcher/suptickets.py).
+    """Sup-tickets (``--pre_train --cyclic_train``; docs/algorithms.md §10, launcher/suptickets.py).
 
     cycle: epochs per cycle; cycle_rate: fraction of the epochs for the cyclic phase (rounded
     down to whole cycles), or cyclic_epochs directly (ImageNet's --cyclic_epochs).
@@ -562,7 +562,7 @@ def papers_spellings(argv: list[str]) -> list[str]:
         out += ["--milestone-epochs", ",".join(marks[k] for k in ("--first_m", "--second_m", "--third_m") if k in marks)]
     flags = [a.replace("_", "-") for a in out]
     if ("--arch" in flags or "-a" in flags) and "--data" not in flags:
-        # ImageNet main.py's defaults (spec 6.6), before the command's own flags.
+        # ImageNet main.py's defaults (docs/algorithms.md §6.6), before the command's own flags.
         out = ["--data", "imagenet", "--nesterov", "false", "--l2", "0.0001",
                "--bn-weight-decay", "false", "--mixed-precision", "auto"] + out
         flags = [a.replace("_", "-") for a in out]

@@ -6,7 +6,7 @@
 
 Prints one row per masked tensor (name, shape, density, non-zeros, dense and sparse forward
 FLOPs per sample) and the totals. The counts are those the trainer's exact initialisation
-realises: round(density_l * numel_l) per layer. FLOPs follow spec section 8 (2 x
+realises: round(density_l * numel_l) per layer. FLOPs follow docs/algorithms.md §8 (2 x
 multiply-accumulates of conv and linear layers, per sample at the dataset's input size);
 ``--growth``/``--update-frequency`` add the training cost of that method relative to dense.
 """

@@ -1,7 +1,7 @@
 """Sup-tickets (Yin et al. 2022): cheap tickets from a cyclic phase, superposed into one network.
 
 Training is split into a pre-train phase (any sparse method, P epochs) and a cyclic phase of
-K cycles of ``cycle`` epochs (spec section 10). In the cyclic phase the LR follows a triangle
+K cycles of ``cycle`` epochs (docs/algorithms.md §10). In the cyclic phase the LR follows a triangle
 per cycle (``--cyc_lr``), masks stay fixed (``--no_maskupdates``) except for one re-explore
 update at the start of each cycle (``--re_explore``, rate ``--large-death-rate``), and the model
 at the end of each cycle is a ticket T_j. The tickets are superposed over the full state
@@ -25,7 +25,7 @@ from itop_dist.methods import global_magnitude_masks
 
 
 def phases(epochs: int, cycle: int, cycle_rate: float, cyclic_epochs: int | None = None) -> tuple[int, int]:
-    """(pre-train epochs P, cyclic epochs C) as Sup-tickets splits them (spec 10.1)."""
+    """(pre-train epochs P, cyclic epochs C) as Sup-tickets splits them (docs/algorithms.md §10.1)."""
     c = cyclic_epochs if cyclic_epochs is not None else int(epochs * cycle_rate)
     if c < cycle:
         return epochs, 0
@@ -49,7 +49,7 @@ def superpose(previous: dict[str, torch.Tensor], ticket: dict[str, torch.Tensor]
 
 
 def cut_to_density(state: dict[str, torch.Tensor], masked: list[str], density: float) -> dict[str, torch.Tensor]:
-    """Zero all but the int(sum N_l * density) largest |W| of the masked tensors (spec 10.4)."""
+    """Zero all but the int(sum N_l * density) largest |W| of the masked tensors (docs/algorithms.md §10.4)."""
     weights = {n: state[n] for n in masked}
     support = {n: w != 0 for n, w in weights.items()}
     keep = int(sum(w.numel() for w in weights.values()) * density)

@@ -92,7 +92,7 @@ class TrainState:
 
 
 def lr_factor(step: int, s: ScheduleConfig, steps_per_epoch: int, total: int) -> float:
-    """LR multiplier at optimizer step ``step`` (spec 6.6): warm-up, then the schedule.
+    """LR multiplier at optimizer step ``step`` (docs/algorithms.md §6.6): warm-up, then the schedule.
 
     Multistep decays at epochs int(m * epochs) * multiplier for each milestone fraction m
     (ITOP: 125 and 187 of 250), applied at epoch boundaries as the papers' MultiStepLR.

@@ -1,4 +1,4 @@
-"""FLOPs accounting (spec 8): exact counts of hand-computable layers, the training-cost rules,
+"""FLOPs accounting (docs/algorithms.md §8): exact counts of hand-computable layers, the training-cost rules,
 the run counter, and the published ResNet-50 figures."""
 
 import logging

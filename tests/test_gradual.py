@@ -1,4 +1,4 @@
-"""Dense-to-sparse methods (GraNet, GMP and their layer-wise variants), spec section 9."""
+"""Dense-to-sparse methods (GraNet, GMP and their layer-wise variants), docs/algorithms.md §9."""
 
 import math
 
@@ -98,7 +98,7 @@ def test_gmp_never_regrows_and_stops_after_the_window():
 
 
 def test_global_magnitude_never_turns_a_network_dense():
-    """The reference's |W| >= tau made every mask all-ones when nnz <= K (spec P11)."""
+    """The reference's |W| >= tau made every mask all-ones when nnz <= K (docs/algorithms.md §12.2, pitfall 11)."""
     w = {"a": torch.zeros(10, 10), "b": torch.randn(5, 5)}
     masks = {"a": torch.zeros(10, 10, dtype=torch.bool), "b": torch.rand(5, 5) < 0.5}
     out = global_magnitude_masks(w, masks, keep=100)

@@ -53,7 +53,7 @@ def test_resnet50_imagenet_table():
 
 
 def test_resnet50_imagenet_json_flops():
-    """FLOPs per 224x224 image at ERK 0.2, spec 8 [measured]: 8.18e9 dense, 0.414x."""
+    """FLOPs per 224x224 image at ERK 0.2, docs/algorithms.md §8 [measured]: 8.18e9 dense, 0.414x."""
     out = run("--model", "resnet50", "--data", "imagenet", "--density", "0.2", "--json")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
@@ -68,7 +68,7 @@ def test_resnet50_imagenet_json_flops():
 
 
 @pytest.mark.parametrize("flags,growth,update_frequency,expected", [
-    (["--growth", "gradient"], "gradient", 100, lambda test_rel: 0.244),  # RigL, spec 8 [measured]
+    (["--growth", "gradient"], "gradient", 100, lambda test_rel: 0.244),  # RigL, docs/algorithms.md §8 [measured]
     (["--update-frequency", "4000"], "random", 4000, lambda test_rel: test_rel),  # SET: 3 f_S
     (["--growth", "momentum", "--update_frequency", "50"], "momentum", 50,
      lambda test_rel: (2 * test_rel + 1) / 3),  # sparse momentum: (2 f_S + f_D) / 3 f_D

@@ -170,7 +170,7 @@ def test_gradient_growth_needs_gradients():
 
 def test_momentum_growth_with_adam_and_unmasked_momentum():
     model, opt, sp = make(SparseConfig(density=0.2, growth="momentum", update_frequency=2), opt="adam")
-    assert sp.config.mask_momentum is False  # momentum growth needs inactive momentum (spec 4.3)
+    assert sp.config.mask_momentum is False  # momentum growth needs inactive momentum (docs/algorithms.md §4.3)
     gen = torch.Generator().manual_seed(0)
     start = sp.state.nonzeros()
     for _ in range(6):

@@ -22,7 +22,7 @@ def eps_of(densities, shapes, name):
     return densities[name] / (sum(s) / math.prod(s))
 
 
-# Reference values measured on the original code (spec 2.2 table).
+# Reference values measured on the original code (docs/algorithms.md §2.2 table).
 ERK_CASES = [
     ("vgg-c", "cifar10", 0.05, 48.50101, {"features.0.weight", "classifier.6.weight"},
      {"features.20.weight": 0.3804, "features.30.weight": 0.1898, "classifier.0.weight": 0.1184}),
@@ -136,7 +136,7 @@ def test_prune_magnitude_threshold_drops_ties(layer):
     active = torch.nonzero(mask.reshape(-1)).reshape(-1)
     w.view(-1)[active[:4]] = 0.0  # active exact zeros, e.g. just grown
     new = T.prune_magnitude_threshold(w, mask, 2)
-    assert int(mask.sum() - new.sum()) >= 4  # every active zero goes (spec 3.1a)
+    assert int(mask.sum() - new.sum()) >= 4  # every active zero goes (docs/algorithms.md §3.1a)
     assert not (w[new] == 0).any()
 
 

@@ -72,7 +72,8 @@ def test_seed_commands_run_on_a_tiny_on_disk_cifar(recipe, fake_cifar10_large, t
         summary = trainer.fit()
     finally:
         trainer.close()
-    assert summary["step"] == 2 and 0 <= summary["final_test_acc"] <= 1
+    # measured on the 20 test images, each counted once: a whole number of them right
+    assert summary["step"] == 2 and (summary["final_test_acc"] * 20) == pytest.approx(round(summary["final_test_acc"] * 20))
     assert trainer.loaders.train.num_samples == 180 and trainer.loaders.val.num_samples == 20
     if cfg.sparse:
         assert abs(summary["final_density"] - 0.05) < 1e-4
@@ -163,7 +164,8 @@ def test_digits_quick_start_trains(tmp_path, mode, change, floor):
     assert train_logs and all({"step", "epoch", "train/lr", "sparsity/density"} <= set(r) for r in train_logs)
     assert train_logs[0]["train/loss"] > 2 * train_logs[-1]["train/loss"]
     evals = [r for r in records if "val/acc" in r]
-    assert len(evals) == 100 and all(0 <= r["val/acc"] <= 1 for r in evals)
+    assert len(evals) == 100 and evals[-1]["val/acc"] >= floor - 0.02
+    assert max(r["val/acc"] for r in evals[:5]) < evals[-1]["val/acc"]  # it learned over the run
     if mode != "dense":
         assert abs(summary["final_density"] - 0.05) < 0.001
         assert summary["final_itop_rate"] > 0.1  # explored at least twice the weights active at once
