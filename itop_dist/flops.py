@@ -97,7 +97,7 @@ def layer_flops(
 def sparse_flops(layer_flops: Mapping[str, int], densities: Mapping[str, float]) -> float:
     """Forward (inference) FLOPs per sample at the given per-layer densities: sum d_l F_l.
 
-    Layers without a density (unmasked, e.g. excluded with ``--rm-first``) count dense. A
+    Layers without a density (unmasked, e.g. excluded with ``--exclude``) count dense. A
     density for a layer ``layer_flops`` does not know is an error (names differ: wrapped
     model, other model)."""
     unknown = sorted(set(densities) - set(layer_flops))

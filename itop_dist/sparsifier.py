@@ -55,7 +55,7 @@ def maskable_parameters(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict
     """Conv and linear weights (docs/algorithms.md §1.1), first and last layer included, by canonical name.
 
     Biases, normalisation and embedding parameters stay dense. Names containing any of
-    ``exclude`` stay dense too (e.g. ``("conv1.weight",)`` for ``--rm-first``).
+    ``exclude`` stay dense too (e.g. ``("conv1.weight",)``: ``--exclude conv1.weight``).
     """
     found = {}
     for mod_name, module in model.named_modules():

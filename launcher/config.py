@@ -424,7 +424,11 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--image-size",), "data.image_size", int, "ImageNet crop size (224)"),
     (("--decode-device",), "data.decode_device", str, "ImageNet JPEG decoding: auto, cpu or gpu"),
     (("--fp16-output",), "data.fp16_output", True, "ImageNet batches in fp16"),
+    (("--loader-channels-last",), "data.channels_last", _bool, "ImageNet batches in channels_last (HWC) memory"),
     (("--check-data",), "data.check_data", True, "read every training file's header before training"),
+    (("--synthetic-shape",), "data.synthetic_shape", _tuple_of(int), "synthetic data: input shape, e.g. 3,32,32"),
+    (("--synthetic-classes",), "data.synthetic_classes", int, "synthetic data: number of classes"),
+    (("--synthetic-size",), "data.synthetic_size", int, "synthetic data: training samples"),
     (("--sparse",), "sparse", True, "train a sparse network (dense without it)"),
     (("--dense",), "sparse", False, "train the dense model; sparse flags given beside it are ignored"),
     (("--method",), "sparsity.method", str,
@@ -437,9 +441,18 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--final-prune-epoch",), "sparsity.final_prune_epoch", float, "gradual pruning ends"),
     (("--sparse-init",), "sparsity.sparse_init", str, "ERK, ER, uniform, er_itop"),
     (("--erk-power-scale",), "sparsity.erk_power_scale", float, "ERK exponent"),
+    (("--exact-init",), "sparsity.exact_init", _bool,
+     "true: exactly round(d_l N_l) weights per layer; false: a Bernoulli draw as the papers' code"),
+    (("--exclude",), "sparsity.exclude", _tuple_of(str),
+     "parameter names (substrings, comma-separated) that stay dense, e.g. conv1.weight"),
     (("--death", "--prune"), "sparsity.death", str, "magnitude, SET, threshold, magnitude_threshold"),
     (("--death-rate", "--prune-rate"), "sparsity.death_rate", float, "initial prune fraction"),
+    (("--death-rate-min",), "sparsity.death_rate_min", float, "where the death-rate decay ends"),
+    (("--threshold",), "sparsity.threshold", float, "|W| below which --death threshold prunes"),
     (("--decay-schedule",), "sparsity.decay_schedule", str, "cosine, constant, linear"),
+    (("--mask-momentum",), "sparsity.mask_momentum", _bool,
+     "zero the momentum of inactive weights every step (default: off for --growth momentum)"),
+    (("--mask-apply",), "sparsity.apply_mode", str, "how masks multiply in: auto, float or bool"),
     (("--growth",), "sparsity.growth", str, "random (SET), gradient (RigL), momentum"),
     (("--redistribution",), "sparsity.redistribution", str, "none, magnitude, nonzeros"),
     (("--update-frequency",), "sparsity.update_frequency", int, "steps between mask updates"),
@@ -458,6 +471,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
     (("--multiplier",), "schedule.multiplier", float, "extended training: epochs x multiplier"),
     (("--lr-schedule",), "schedule.lr_schedule", str, "multistep, cosine, constant"),
     (("--milestones",), "schedule.milestones", _tuple_of(float), "multistep milestones as fractions"),
+    (("--gamma",), "schedule.gamma", float, "multistep: LR factor at each milestone (0.1)"),
     (("--warmup",), "schedule.warmup_epochs", int, "warm-up epochs"),
     (("--milestone-epochs",), "schedule.milestone_epochs", _tuple_of(int), "multistep decays at these epochs"),
     (("--max-steps",), "schedule.max_steps", int, "stop after N optimizer steps"),
@@ -499,7 +513,7 @@ FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
 
 
 def _spellings(flag: str) -> list[str]:
-    """``--a-b`` and ``--a_b`` for every long flag."""
+    """Both spellings of a long flag: with dashes and with underscores (the papers use both)."""
     if not flag.startswith("--"):
         return [flag]
     body = flag[2:]

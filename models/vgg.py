@@ -80,7 +80,8 @@ class GraNetVGG(nn.Module):
     """GraNet/SUP VGG (``vgg.VGG(depth=19, batchnorm=True)``): bias-free convs with BN,
     AvgPool2d(2) on the final 2x2 map, one Linear classifier.
 
-    The first conv is ``feature.0`` (singular), the name GraNet's ``--rm-first`` looks for.
+    The first conv is ``feature.0`` (singular), the name GraNet's code uses for the first layer (its
+    rm-first option keeps that layer dense; here: ``--exclude feature.0.weight``).
     Init: convs Kaiming-normal fan_out, Linear N(0, 0.01) with zero bias, BN 1/0.
     Input ``(B, 3, 32, 32)``; output logits ``(B, num_classes)``.
     """

@@ -80,6 +80,66 @@ def test_seed_commands_run_on_a_tiny_on_disk_cifar(recipe, fake_cifar10_large, t
     assert (out / "checkpoints").is_dir() and (out / "config.yaml").is_file()
 
 
+def _settings(cls, prefix=""):
+    """Dotted paths of every leaf field of a config dataclass."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _settings(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+TRAINING_PATH = ["itop_dist", "data_pipelines", "models", "launcher/config.py", "launcher/trainer.py",
+                 "launcher/checkpoint.py", "launcher/parallel.py", "launcher/preemption.py",
+                 "launcher/suptickets.py", "launcher/tracking.py", "launcher/train.py"]
+OTHER_TOOLS_FLAGS = {"--multi_gpu", "--num_processes", "--mixed_precision", "--main_process_port",  # accelerate
+                     "--signal", "--requeue"}  # sbatch
+
+
+def test_every_setting_has_a_flag_and_every_flag_a_message_names_exists():
+    """The flag table and the messages cannot drift from the config: every field can be set on
+    the command line, and every ``--flag`` in a string of the training path is one itop-train
+    (or accelerate launch, sbatch) accepts."""
+    import io
+    import re
+    import tokenize
+
+    from launcher.config import FLAGS, TrainConfig, build_parser
+
+    assert set(_settings(TrainConfig)) - {path for _, path, _, _ in FLAGS} == {"sparsity.seed"}  # = --seed
+    accepted = {o for a in build_parser()._actions for o in a.option_strings} | OTHER_TOOLS_FLAGS
+    files = [f for entry in TRAINING_PATH for f in ([REPO / entry] if entry.endswith(".py")
+                                                    else sorted((REPO / entry).rglob("*.py")))]
+    named = {}
+    for path in files:
+        for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if tok.type == tokenize.STRING:
+                for flag in re.findall(r"(?<![\w-])--[a-zA-Z][\w-]*[a-zA-Z0-9]", tok.string):
+                    named.setdefault(flag, f"{path.relative_to(REPO)}:{tok.start[0]}")
+    unknown = {flag: where for flag, where in named.items() if flag not in accepted}
+    for flag in list(unknown):  # the papers' spellings translated before parsing (--first_m ...)
+        try:
+            parse_config([flag, "1"])
+        except ConfigError as err:
+            if "unrecognized arguments" in str(err):
+                continue
+        del unknown[flag]
+    assert not unknown, unknown
+    # and the flags added for fields that had none set what they name
+    cfg = parse_config(shlex.split("--sparse --exclude conv1.weight,fc.weight --death-rate-min 0.01 "
+                                   "--mask-apply bool --exact-init false --threshold 0.002 --gamma 0.2 "
+                                   "--data synthetic --synthetic-shape 1,8,8 --synthetic-classes 3 "
+                                   "--synthetic-size 64 --loader-channels-last true --mask-momentum false"))
+    assert cfg.sparsity.exclude == ("conv1.weight", "fc.weight") and cfg.sparsity.death_rate_min == 0.01
+    assert (cfg.sparsity.apply_mode, cfg.sparsity.exact_init, cfg.sparsity.threshold) == ("bool", False, 0.002)
+    assert cfg.sparsity.mask_momentum is False and cfg.schedule.gamma == 0.2 and cfg.data.channels_last
+    assert (cfg.data.synthetic_shape, cfg.data.synthetic_classes, cfg.data.synthetic_size) == ((1, 8, 8), 3, 64)
+
+
 def test_underscore_and_dash_spellings_are_one_flag():
     a = parse_config(["--sparse", "--update_frequency", "7", "--death-rate", "0.3", "--sparse_init", "uniform"])
     b = parse_config(["--sparse", "--update-frequency", "7", "--death_rate", "0.3", "--sparse-init", "uniform"])
