@@ -609,7 +609,12 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     file_sparsity = list(file_tree.get("sparsity", {})) if isinstance(file_tree.get("sparsity"), dict) else []
     for path, value in given.items():
         set_path(tree, path, value)
+    file_mask_seed = file_tree.get("sparsity", {}).get("seed") if isinstance(file_tree.get("sparsity"), dict) else None
     cfg = _named(lambda: from_dict(TrainConfig, tree), given, file)
+    if file_mask_seed is not None and file_mask_seed != cfg.seed:  # __post_init__ would overwrite it
+        raise ConfigError(f"--config {file}: sparsity.seed {file_mask_seed} differs from seed {cfg.seed}; "
+                          f"masks are drawn from the run's seed: set seed: {file_mask_seed} (or --seed) "
+                          f"and remove sparsity.seed")
     # After the values are checked: a wrong value is the first thing to fix.
     _refuse_ignored_sparse_flags(given, sparse_in_file, file_sparsity)
     return cfg

@@ -473,6 +473,8 @@ BAD_FILES = {
                                "c.toml: data.batch_size must be an integer, got bool True"),
     "milestones as strings": ("c.yaml", "schedule:\n  milestones: ['0.5', '0.75']\n",
                               "c.yaml: schedule.milestones[0] must be a number, got str '0.5'"),
+    "mask seed beside the run's seed": ("c.yaml", "sparse: true\nsparsity:\n  seed: 5\n",
+                                        "c.yaml: sparsity.seed 5 differs from seed 17"),
     "binary file": ("c.yaml", b"\x7fELF\x02\x01\x01\x00\xff\xfe", "c.yaml is not a text file (not UTF-8)"),
 }
 
