@@ -72,8 +72,9 @@ def test_seed_commands_run_on_a_tiny_on_disk_cifar(recipe, fake_cifar10_large, t
         summary = trainer.fit()
     finally:
         trainer.close()
-    # measured on the 20 test images, each counted once: a whole number of them right
-    assert summary["step"] == 2 and (summary["final_test_acc"] * 20) == pytest.approx(round(summary["final_test_acc"] * 20))
+    # measured on the 30 test images, each counted once: a whole number of them right
+    right = summary["final_test_acc"] * len(fake_cifar10_large.test_y)
+    assert summary["step"] == 2 and len(fake_cifar10_large.test_y) == 30 and right == pytest.approx(round(right))
     assert trainer.loaders.train.num_samples == 180 and trainer.loaders.val.num_samples == 20
     if cfg.sparse:
         assert abs(summary["final_density"] - 0.05) < 1e-4
