@@ -24,6 +24,7 @@ import torch
 import yaml
 
 import models
+from models.imagenet import INITS
 from data_pipelines import DataConfig
 from itop_dist import SparseConfig
 
@@ -39,6 +40,10 @@ class ModelConfig:
     # --initial-checkpoint: start from these weights (a model.safetensors, an itop-export folder
     # or a checkpoint folder); with --sparse the run's own init decides the masks.
     initial_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.init is None or self.init in INITS, "--init",
+               f"{self.init!r}: choose {' or '.join(INITS)} (ImageNet ResNet-50's initialisation)")
 
 
 @dataclass

@@ -123,13 +123,13 @@ def initial_weights_file(path: str | os.PathLike) -> tuple[pathlib.Path, bool]:
         return p, False
     if p.is_dir() and (p / "model.safetensors").is_file():
         return p / "model.safetensors", (p / MANIFEST).is_file()
-    raise ValueError(f"--initial-checkpoint: {p} is neither a model.safetensors file nor a folder holding "
+    raise CheckpointError(f"--initial-checkpoint: {p} is neither a model.safetensors file nor a folder holding "
                      f"one (an itop-export folder or a checkpoints/step-N folder)")
 
 
 def load_initial_weights(model: torch.nn.Module, path: str, sparse: bool = False) -> str:
     """Load ``--initial-checkpoint`` into the freshly built (unwrapped) ``model``; returns the
-    line to print. Raises ValueError naming the first tensor that does not fit.
+    line to print. Raises CheckpointError naming the first tensor that does not fit.
 
     A checkpoint folder is verified against its manifest first. A ``masks.safetensors`` beside
     the weights is not read: with ``--sparse`` the run's own initialisation decides the masks
@@ -139,14 +139,14 @@ def load_initial_weights(model: torch.nn.Module, path: str, sparse: bool = False
         try:
             verify(file.parent)
         except CheckpointError as err:
-            raise ValueError(f"--initial-checkpoint: {one_line(err)}") from None
+            raise CheckpointError(f"--initial-checkpoint: {one_line(err)}") from None
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"--initial-checkpoint: {file} is not a safetensors file ({one_line(err)})") from None
+        raise CheckpointError(f"--initial-checkpoint: {file} is not a safetensors file ({one_line(err)})") from None
     why = first_mismatch(model, state)
     if why is not None:
-        raise ValueError(f"--initial-checkpoint: {file} does not fit this --model: {why}")
+        raise CheckpointError(f"--initial-checkpoint: {file} does not fit this --model: {why}")
     model.load_state_dict(state, strict=True)
     line = f"initial weights: {file} ({len(state)} tensors)"
     if sparse and (file.parent / "masks.safetensors").is_file():

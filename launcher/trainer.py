@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import models
 from data_pipelines import BatchLoader, build_loaders, check_loaders
-from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, total_steps
+from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, maskable_parameters, total_steps
 from itop_dist.schedules import schedule_problem
 from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
@@ -184,6 +184,8 @@ class Trainer:
         sparsity = cfg.sparsity
         if t.enabled and t.no_mask_updates:  # masks change only by re-explore in the cycles
             sparsity = dataclasses.replace(sparsity, update_stop=self.pretrain_epochs / epochs)
+        if cfg.sparse:
+            _check_exclude(self.model, sparsity.exclude)
         self.sparsifier = (
             Sparsifier(self.model, optimizer, sparsity, self.total_steps,
                        epoch_steps=self.steps_per_epoch * cfg.schedule.multiplier)
@@ -691,6 +693,19 @@ class Trainer:
         self.preemption.close()
         self.tracker.finish()
         self.accelerator.end_training()
+
+
+def _check_exclude(model: torch.nn.Module, exclude: tuple[str, ...]) -> None:
+    """Refuse an ``--exclude`` pattern that matches no maskable weight (a typo would otherwise
+    silently sparsify the layer meant to stay dense) or that leaves nothing to sparsify."""
+    names = list(maskable_parameters(model))
+    unused = [p for p in exclude if not any(p in n for n in names)]
+    if unused:
+        raise ConfigError(f"--exclude {unused[0]} matches no conv or linear weight of this model; its "
+                          f"weights are {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+    if exclude and all(any(p in n for p in exclude) for n in names):
+        raise ConfigError(f"--exclude {','.join(exclude)} leaves no weight to sparsify; exclude fewer "
+                          f"layers, or train the dense model with --dense")
 
 
 NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)

@@ -179,6 +179,22 @@ def test_bad_input_exits_2_with_one_line_and_no_run_folder(tmp_path):
         assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("args,line", [
+    ("--init foo", "--init: 'foo': choose fanin or classic"),
+    ("--exclude fc9.weight", "--exclude fc9.weight matches no conv or linear weight of this model; its "
+                             "weights are fc1.weight, fc2.weight, fc3.weight"),
+    ("--exclude fc1,fc2,fc3", "--exclude fc1,fc2,fc3 leaves no weight to sparsify"),
+])
+def test_settings_that_would_not_run_as_written_are_one_line(tmp_path, capsys, args, line):
+    from launcher.train import main
+
+    code = main(shlex.split(f"--sparse --data digits --model digits-mlp --device cpu --no-wandb {args}")
+                + ["--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and line in err[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("where", ["launcher.trainer._build_optimizer", "launcher.trainer.build_loaders"])
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys, where):
     """A ValueError from inside (not bad input: no ConfigError/DataError/CheckpointError) is a
