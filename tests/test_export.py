@@ -11,6 +11,7 @@ input ends with one line and exit status 2.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import pathlib
@@ -66,6 +67,14 @@ def last_checkpoint(run: pathlib.Path) -> pathlib.Path:
 def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
+
+
+def run_here(capsys, module: str, *args: str) -> subprocess.CompletedProcess:
+    """:func:`run_cli` without an interpreter start: the entry point's ``main`` in this process."""
+    capsys.readouterr()
+    code = importlib.import_module(module).main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([module, *args], code, out.out, out.err)
 
 
 @pytest.fixture(scope="module")
@@ -226,17 +235,18 @@ def rewrite_manifest(ckpt: pathlib.Path, name: str) -> None:
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_eval_and_export_refuse_what_is_not_a_good_checkpoint(sparse_run, tmp_path):
+def test_eval_and_export_refuse_what_is_not_a_good_checkpoint(sparse_run, tmp_path, capsys):
+    """The first refusal through the command line, the rest through ``main`` in this process."""
     line = one_line_error(run_cli("launcher.evaluate", str(tmp_path)), "itop-eval")
     assert "is not a checkpoint" in line
-    line = one_line_error(run_cli("launcher.evaluate", str(tmp_path / "nothing")), "itop-eval")
+    line = one_line_error(run_here(capsys, "launcher.evaluate", str(tmp_path / "nothing")), "itop-eval")
     assert "does not exist" in line
     damaged = tmp_path / "damaged"
     shutil.copytree(last_checkpoint(sparse_run), damaged)
     data = bytearray((damaged / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (damaged / "model.safetensors").write_bytes(bytes(data))
-    line = one_line_error(run_cli("launcher.evaluate", str(damaged)), "itop-eval")
+    line = one_line_error(run_here(capsys, "launcher.evaluate", str(damaged)), "itop-eval")
     assert "model.safetensors" in line and "SHA-256" in line
     # weights that are not zero where the mask is off: refused even with a valid manifest
     liar = tmp_path / "liar"
@@ -245,17 +255,17 @@ def test_eval_and_export_refuse_what_is_not_a_good_checkpoint(sparse_run, tmp_pa
     state["fc2.weight"] = torch.ones_like(state["fc2.weight"])
     save_file(state, str(liar / "model.safetensors"))
     rewrite_manifest(liar, "model.safetensors")
-    line = one_line_error(run_cli("launcher.evaluate", str(liar)), "itop-eval")
+    line = one_line_error(run_here(capsys, "launcher.evaluate", str(liar)), "itop-eval")
     assert "fc2.weight" in line and "mask is off" in line
-    line = one_line_error(run_cli("launcher.export", str(liar), "--output", str(tmp_path / "x")), "itop-export")
+    line = one_line_error(run_here(capsys, "launcher.export", str(liar), "--output", str(tmp_path / "x")), "itop-export")
     assert "mask is off" in line and not (tmp_path / "x").exists()
     # export refuses a non-empty output folder unless --force
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    line = one_line_error(run_cli("launcher.export", str(sparse_run), "--output", str(tmp_path / "full")),
+    line = one_line_error(run_here(capsys, "launcher.export", str(sparse_run), "--output", str(tmp_path / "full")),
                           "itop-export")
     assert "not empty" in line and "--force" in line
-    proc = run_cli("launcher.export", str(sparse_run), "--output", str(tmp_path / "full"), "--force", "--no-eval")
+    proc = run_here(capsys, "launcher.export", str(sparse_run), "--output", str(tmp_path / "full"), "--force", "--no-eval")
     assert proc.returncode == 0, proc.stderr
     card = json.loads((tmp_path / "full" / "card.json").read_text())
     assert card["accuracy"]["val_acc"] == last_eval(sparse_run)["val/acc"]
