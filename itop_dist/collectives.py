@@ -66,14 +66,20 @@ def barrier(group: dist.ProcessGroup | None = None) -> None:
 
 
 @_named
-def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
-    """True on every rank if ``flag`` is True on any rank: one all-reduce (MAX) of one int, so
-    that a failure on one rank (a full disk, a bad file) stops all ranks together."""
+def max_over_ranks(value: int, group: dist.ProcessGroup | None = None) -> int:
+    """The largest of every rank's ``value`` (an int), on every rank: one all-reduce (MAX) of
+    one int64 (``value`` itself with one process)."""
     if world_size(group) == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=_comm_device(group))
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return int(t.item())
+
+
+def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """True on every rank if ``flag`` is True on any rank, so that a failure on one rank (a
+    full disk, a bad file) stops all ranks together."""
+    return bool(max_over_ranks(int(flag), group))
 
 
 @_named

@@ -611,10 +611,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if file:  # the file's own types first, so that its errors name the file and the key
         _named(lambda: from_dict(TrainConfig, tree), given, file, types_only=True)
     sparse_in_file = "sparse" in file_tree
-    file_sparsity = list(file_tree.get("sparsity", {})) if isinstance(file_tree.get("sparsity"), dict) else []
+    section = file_tree["sparsity"] if isinstance(file_tree.get("sparsity"), dict) else {}
+    file_mask_seed, file_sparsity = section.get("seed"), list(section)  # before the flags fill it
     for path, value in given.items():
         set_path(tree, path, value)
-    file_mask_seed = file_tree.get("sparsity", {}).get("seed") if isinstance(file_tree.get("sparsity"), dict) else None
     cfg = _named(lambda: from_dict(TrainConfig, tree), given, file)
     if file_mask_seed is not None and file_mask_seed != cfg.seed:  # __post_init__ would overwrite it
         raise ConfigError(f"--config {file}: sparsity.seed {file_mask_seed} differs from seed {cfg.seed}; "

@@ -30,8 +30,7 @@ import signal
 import subprocess
 import sys
 
-import torch
-import torch.distributed as dist
+from itop_dist import collectives
 
 log = logging.getLogger("itop_dist.train")
 
@@ -108,11 +107,11 @@ class Preemption:
     then the agreed signal, the same on every rank.
     """
 
-    def __init__(self, device: torch.device, check_every: int = 10) -> None:
-        self.device, self.check_every = device, check_every
+    def __init__(self, check_every: int = 10) -> None:
+        self.check_every = check_every
         self.received: int | None = None  # this rank's strongest stop signal
         self.signal: int | None = None    # the one all ranks agreed to act on
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.distributed = collectives.world_size() > 1
         if signal.getsignal(signal.SIGUSR1) is _early_handle:  # launcher.train's listen(): take over
             self.received, _early["received"] = _early["received"], None
         self._previous = {s: signal.signal(s, self._handle) for s in _handled(self.received)}
@@ -126,9 +125,7 @@ class Preemption:
         if self.distributed:
             if step % self.check_every:
                 return False
-            code = torch.tensor([RANKING.get(received, 0)], device=self.device)
-            dist.all_reduce(code, op=dist.ReduceOp.MAX)
-            received = _BY_RANK.get(int(code.item()))
+            received = _BY_RANK.get(collectives.max_over_ranks(RANKING.get(received, 0)))
         if received is None:
             return False
         self.signal = int(received)

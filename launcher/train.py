@@ -71,8 +71,9 @@ def _train(cfg) -> tuple[int, bool]:
 
 def _process_group() -> bool:
     """Whether this process is one of several in a process group."""
-    dist = sys.modules.get("torch.distributed")
-    return bool(dist and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    from itop_dist import collectives
+
+    return collectives.world_size() > 1
 
 
 def _leave(code: int) -> NoReturn:

@@ -227,7 +227,7 @@ class Trainer:
         self._resume()
         if acc.is_main_process:
             save_config(cfg, self.run_dir)
-        self.preemption = Preemption(acc.device)
+        self.preemption = Preemption()
         self.state.wandb_id = self.tracker.start(cfg.to_dict(), self.state.wandb_id)
         if self.sparsifier is not None and self.state.step == 0:
             self.tracker.log_layers(self.sparsifier.state.layer_densities(), step=0)

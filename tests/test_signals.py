@@ -147,9 +147,8 @@ def test_main_in_process_puts_the_signal_handlers_back(tmp_path):
 
 SECOND_CTRL_C = textwrap.dedent("""
     import os, signal, sys, time
-    import torch
     from launcher.preemption import Preemption
-    p = Preemption(torch.device("cpu"))
+    p = Preemption()
     os.kill(os.getpid(), signal.SIGINT)
     print(p.received, p.should_stop(1), p.signal, flush=True)
     os.kill(os.getpid(), signal.SIGINT)
@@ -167,9 +166,8 @@ def test_a_second_ctrl_c_kills_at_once():
 
 RANKING_SCRIPT = textwrap.dedent("""
     import os, signal
-    import torch
     from launcher.preemption import Preemption
-    p = Preemption(torch.device("cpu"))
+    p = Preemption()
     out = []
     for s in (signal.SIGUSR1, signal.SIGINT, signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR1):
         os.kill(os.getpid(), s)
@@ -195,7 +193,7 @@ AGREE_SCRIPT = textwrap.dedent("""
     from launcher.preemption import Preemption
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
-    p = Preemption(torch.device("cpu"), check_every=10)
+    p = Preemption(check_every=10)
     for sent in sys.argv[3 + rank].split(","):
         if sent:
             os.kill(os.getpid(), getattr(signal, sent))
