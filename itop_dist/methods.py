@@ -103,6 +103,12 @@ class Method:
             for i, (name, shape) in enumerate(shapes.items())
         }
 
+    @property
+    def cost_kind(self) -> str:
+        """The FLOPs rule of a training step under this method (``itop_dist.flops.step_flops``):
+        its growth kind, since gradient/momentum growth needs a dense gradient (§8)."""
+        return self.config.growth
+
     def is_update_step(self, step: int) -> bool:
         return self.updates.is_update_step(step)
 
@@ -115,6 +121,7 @@ class Static(Method):
     """Static sparse training (``--fix``): the initial masks never change."""
 
     updates_masks = False
+    cost_kind = "static"  # masks only: never a dense gradient
 
     def is_update_step(self, step: int) -> bool:
         return False
@@ -285,6 +292,12 @@ class GradualPruning(Method):
         if self.dense_start:  # GMP starts from the dense network whatever --sparse-init says
             return {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
         return super().initial_masks(shapes)
+
+    @property
+    def cost_kind(self) -> str:
+        """GMP prunes by magnitude only (no dense gradient): "static"; GraNet regrows by
+        ``growth``."""
+        return self.config.growth if self.regrow else "static"
 
     def target_density(self, step: int) -> float | None:
         """The scheduled density at an update step inside the window, else None."""

@@ -28,7 +28,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from itop_dist import collectives
 from itop_dist.config import SparseConfig
-from itop_dist.methods import METHODS, Method, UpdateInputs, prune_and_regrow
+from itop_dist.methods import METHODS, Method, UpdateInputs
 from itop_dist.state import SparseState
 
 log = logging.getLogger("itop_dist")
@@ -166,19 +166,21 @@ class Sparsifier:
                     _local(buf).mul_(mult)
 
     @torch.no_grad()
-    def update(self, rate: float | None = None) -> UpdateReport:
+    def update(self, method: Method | None = None) -> UpdateReport:
         """One mask update: check, gather, decide on rank 0, broadcast, apply, check.
 
         The first check proves every rank trained the same connectivity since the last update
         (a mask changed on one rank only is caught here, before it can be overwritten).
-        ``rate``: instead of the method's own update, one magnitude-prune / gradient-regrow
-        update at this rate (Sup-tickets' re-explore at the start of each cycle)."""
+        ``method``: another method's update instead of the run's own, e.g. Sup-tickets'
+        re-explore at the start of each cycle (``itop_dist.suptickets.ReExplore``).
+        Raises MaskMismatchError when a rank's masks differ from rank 0's."""
+        method = method or self.method
         collectives.check_masks(self.state.masks, self.group)
         on_rank0 = collectives.is_rank0(self.group)
-        needs_grads = self.method.needs_grads or rate is not None
+        needs_grads = method.needs_grads
         weights = {n: full_tensor(p) for n, p in self.params.items()}
         grads = {n: full_tensor(p.grad) if needs_grads else None for n, p in self.params.items()}
-        momenta = {n: full_tensor(self._momentum_score(p)) if self.method.needs_momenta else None
+        momenta = {n: full_tensor(self._momentum_score(p)) if method.needs_momenta else None
                    for n, p in self.params.items()}
         if needs_grads and any(g is None for g in grads.values()):
             raise RuntimeError(
@@ -189,8 +191,7 @@ class Sparsifier:
         if on_rank0:
             inputs = UpdateInputs(weights, dict(self.state.masks), grads, momenta,
                                   self.state.step, self.state.updates + 1)
-            result = (self.method.update(inputs) if rate is None else
-                      prune_and_regrow(inputs, rate, "magnitude", "gradient", seed=self.config.seed))
+            result = method.update(inputs)
         new = collectives.broadcast_masks(result.masks if result else None, self.shapes, self.group)
         new = {n: m.to(self.state.masks[n].device) for n, m in new.items()}
         if self.config.regrow_reinit_zero:

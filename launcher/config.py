@@ -148,7 +148,7 @@ class LogConfig:
 
 @dataclass
 class TicketsConfig:
-    """Sup-tickets (``--pre_train --cyclic_train``; docs/algorithms.md §10, launcher/suptickets.py).
+    """Sup-tickets (``--pre_train --cyclic_train``; docs/algorithms.md §10, launcher/plugins/suptickets.py).
 
     cycle: epochs per cycle; cycle_rate: fraction of the epochs for the cyclic phase (rounded
     down to whole cycles), or cyclic_epochs directly (ImageNet's --cyclic_epochs).

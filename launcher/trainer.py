@@ -1,14 +1,16 @@
 """The training loop: one path from a CPU quick start to many GPUs.
 
-Build order (fixed): Accelerator -> seed -> data -> model -> optimizer and LR schedule ->
-``accelerator.prepare`` -> sparsifier (masks built on the wrapped parameters) -> checkpointer
--> resume. The loop reads top to bottom: forward, backward, optimizer step, the sparse hook,
-LR step, log, evaluate, checkpoint.
+``Trainer`` builds the run in a fixed order (its docstring), then the loop reads top to
+bottom: forward, backward, optimizer step, the Sparsifier (re-mask; prune and regrow on update
+steps), LR step, log, evaluate, checkpoint. At its few real points it fires the named events
+of ``launcher/events.py``; phases such as Sup-tickets are plug-ins (``launcher/plugins/``) and
+the loop never names one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime
 import hashlib
 import dataclasses
@@ -30,11 +32,13 @@ from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, maskab
 from itop_dist.schedules import schedule_problem
 from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
-from launcher.config import ConfigError, ScheduleConfig, TrainConfig, flat_config, save_config
+from launcher.config import ConfigError, TrainConfig, flat_config, save_config
 from launcher import plots
+from launcher.events import Event, build_plugins
+from launcher.lr_schedule import lr_factor
 from launcher.parallel import ModelState, OptimizerState, apply_fsdp, full_state_dict
+import launcher.plugins  # noqa: F401  (registers the built-in plug-ins)
 from launcher.preemption import Preemption
-from launcher.suptickets import SuperTickets, cyclic_lr, phases, recalibrate_bn
 from launcher.tracking import Tracker, wandb_available
 
 
@@ -91,153 +95,175 @@ class TrainState:
         vars(self).update(sd)
 
 
-def lr_factor(step: int, s: ScheduleConfig, steps_per_epoch: int, total: int) -> float:
-    """LR multiplier at optimizer step ``step`` (docs/algorithms.md §6.6): warm-up, then the schedule.
-
-    Multistep decays at epochs int(m * epochs) * multiplier for each milestone fraction m
-    (ITOP: 125 and 187 of 250), applied at epoch boundaries as the papers' MultiStepLR.
-    """
-    epoch = step // steps_per_epoch
-    if epoch < s.warmup_epochs:
-        return (epoch + 1) / (s.warmup_epochs + 1)
-    if s.lr_schedule == "multistep":
-        bounds = s.milestone_epochs or [int(m * s.epochs) * s.multiplier for m in s.milestones]
-        return s.gamma ** sum(epoch >= b for b in bounds)
-    if s.lr_schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    return 1.0
-
-
 class Trainer:
+    """One training run: built in a fixed order, then ``fit()`` and ``close()``.
+
+    Build order (each a short method): accelerator and process group, the same-job check and
+    seed, data, model, parallelism (FSDP2 here; DDP in ``accelerator.prepare``), plug-ins,
+    optimizer and LR schedule, sparsity (the Sparsifier masks the optimizer's state too, so it
+    comes after the optimizer), FLOPs counter and state, checkpointer, tracker; then the run
+    folder is locked, the checkpoint (if any) loaded and ``Event.INIT`` fired.
+
+    Raises ConfigError for settings that cannot run, CheckpointError for a folder or
+    checkpoint that cannot be used; the run folder is left as it was in both cases.
+    """
+
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
-        self.run_dir = cfg.run_dir
-        precision = _resolve_precision(cfg)
-        if precision == "fp16" and (cfg.device == "cpu" or not torch.cuda.is_available()):
-            raise ConfigError("--mixed-precision fp16 (or the launcher's fp16): fp16 needs a CUDA GPU, "
-                              "this run is on cpu; use bf16 or no")
-        self.accelerator = acc = Accelerator(
-            cpu=cfg.device == "cpu",
-            mixed_precision=precision,
-            step_scheduler_with_optimizer=False,  # the schedule is defined per optimizer step
-            log_with="wandb" if cfg.log.wandb and wandb_available() else None,
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.dist_timeout))],
-        )
-        # Every rank must run the same job: another --seed would train on overlapping shards,
-        # another --update_frequency would hang at the first mask update.
-        differ = collectives.differing_settings({**flat_config(cfg.to_dict()), "code version": code_version()})
-        if differ:
-            raise ConfigError(f"the processes of this job were started with different settings "
-                              f"({'; '.join(differ[:3])}); start every rank with the same command")
+        self.cfg, self.run_dir = cfg, cfg.run_dir
+        self.accelerator = _build_accelerator(cfg)
+        _check_same_job(cfg)
         set_seed(cfg.seed)  # the same on every rank: identical initial weights and masks
-        self.loaders = build_loaders(cfg.data, seed=cfg.seed, rank=acc.process_index,
-                                     world_size=acc.num_processes)
-        # File headers of the evaluation split (and training split with --check-data): a bad
-        # file stops the run now, not after an epoch. ImageNet-style data only.
-        check_loaders(self.loaders, train=cfg.data.check_data)
-        kwargs = {"init": cfg.model.init} if cfg.model.init else {}
-        data = cfg.data.name if cfg.data.name != "synthetic" else _closest_dataset(cfg.model.name)
-        # With the class count of the data actually found (an ImageNet subset, say); also used
-        # for fresh copies (Sup-tickets' superposed models).
-        self._new_model = lambda: models.create_model(
-            cfg.model.name, data, num_classes=self.loaders.num_classes, **kwargs)
-        model = self._new_model()
-        if cfg.model.initial_checkpoint:  # start from exported weights (launcher/export.py)
-            from launcher.export import load_initial_weights
-            self._print(load_initial_weights(model, cfg.model.initial_checkpoint, cfg.sparse))
-        self.channels_last = cfg.model.channels_last
-        if self.channels_last is None:
-            self.channels_last = acc.device.type == "cuda" and len(self.loaders.input_shape) == 3
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        self.loaders = self._build_data()
+        model = self._build_model()
         # FLOPs per sample of every conv/linear layer, measured from one real forward pass.
         layer_cost = layer_flops(model, torch.zeros(1, *self.loaders.input_shape))
+        model = self._parallelize(model)
+        self._build_run_length()
+        self.plugins = build_plugins(cfg, self)
+        self._build_optimizer_and_schedule(model)
+        self.sparsifier = self._build_sparsity()
+        self.flops = FlopsCounter(
+            layer_cost, self.sparsifier.state.layer_densities() if self.sparsifier else None)
+        self.state = TrainState(micro_batch_global=self.loaders.train.batch_size * self.accelerator.num_processes,
+                                accumulate=cfg.optim.accumulate)
+        self.checkpointer = self._build_checkpointer()
+        self.tracker = Tracker(self.accelerator, self.run_dir, cfg.log.wandb, cfg.log.wandb_project,
+                               cfg.log.wandb_mode)
+        self._start()
+
+    # --- build, in order -----------------------------------------------------------------
+    def _build_data(self):
+        cfg, acc = self.cfg, self.accelerator
+        loaders = build_loaders(cfg.data, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
+        # File headers of the evaluation split (and training split with --check-data): a bad
+        # file stops the run now, not after an epoch. ImageNet-style data only.
+        check_loaders(loaders, train=cfg.data.check_data)
+        return loaders
+
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        model = self.new_model()
+        if cfg.model.initial_checkpoint:  # start from exported weights (launcher/export.py)
+            from launcher.export import load_initial_weights
+            self.print(load_initial_weights(model, cfg.model.initial_checkpoint, cfg.sparse))
+        self.channels_last = cfg.model.channels_last
+        if self.channels_last is None:
+            self.channels_last = self.accelerator.device.type == "cuda" and len(self.loaders.input_shape) == 3
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def new_model(self) -> torch.nn.Module:
+        """A fresh model of the run's architecture, with the class count of the data actually
+        found (an ImageNet subset, say); also used for Sup-tickets' superposed models."""
+        cfg = self.cfg
+        kwargs = {"init": cfg.model.init} if cfg.model.init else {}
+        data = cfg.data.name if cfg.data.name != "synthetic" else _closest_dataset(cfg.model.name)
+        return models.create_model(cfg.model.name, data, num_classes=self.loaders.num_classes, **kwargs)
+
+    def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2 (sharded) when asked; replicated models are wrapped in DDP by ``prepare``."""
+        acc = self.accelerator
         # An Accelerate config with distributed_type FSDP asks for the same sharding; on CPUs
         # Accelerate drops it (MULTI_CPU) but its launcher still sets ACCELERATE_USE_FSDP.
-        sharded = (cfg.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
-                   or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
-        self.sharded = sharded
-        if sharded and acc.num_processes < 2:
+        self.sharded = (self.cfg.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
+                        or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+        if self.sharded and acc.num_processes < 2:
             raise ConfigError("--sharding fsdp needs at least 2 processes (this is 1): launch with "
                               "accelerate launch --multi_gpu --num_processes N, N >= 2, or use --sharding ddp")
-        if sharded:  # parameters must be sharded before the optimizer and the masks see them
-            model = apply_fsdp(model.to(acc.device), acc.mixed_precision)
-        optimizer = _build_optimizer(model, cfg)
+        if self.sharded:  # parameters must be sharded before the optimizer and the masks see them
+            return apply_fsdp(model.to(acc.device), acc.mixed_precision)
+        return model
+
+    def _build_run_length(self) -> None:
+        """Steps per epoch, epochs (x the multiplier) and optimizer steps of the whole run."""
+        cfg = self.cfg
         self.steps_per_epoch = len(self.loaders.train) // cfg.optim.accumulate
         if self.steps_per_epoch == 0:
             raise ConfigError(f"--grad-accum-steps {cfg.optim.accumulate}: more than the "
-                             f"{len(self.loaders.train)} batches per epoch of each process")
+                              f"{len(self.loaders.train)} batches per epoch of each process")
         self.total_steps = total_steps(self.steps_per_epoch, cfg.schedule.epochs, cfg.schedule.multiplier)
-        t = cfg.tickets
-        self.epochs = epochs = round(cfg.schedule.epochs * cfg.schedule.multiplier)
-        self.pretrain_epochs, cyclic = (phases(epochs, t.cycle, t.cycle_rate, t.cyclic_epochs)
-                                        if t.enabled else (epochs, 0))
-        if t.enabled and cyclic and t.pretrain_epochs not in (None, self.pretrain_epochs):
-            raise ConfigError(f"--pretrain_epoch {t.pretrain_epochs}: the cycles leave "
-                             f"{self.pretrain_epochs} pre-train epochs; adjust --cyclic_epochs/--cycle")
+        self.epochs = round(cfg.schedule.epochs * cfg.schedule.multiplier)
+        if cfg.schedule.warmup_epochs >= self.epochs:
+            raise ConfigError(f"--warmup {cfg.schedule.warmup_epochs}: the warm-up is not shorter than the "
+                              f"run ({self.epochs} epochs); use --warmup <= {max(0, self.epochs - 1)}")
+
+    def _build_optimizer_and_schedule(self, model: torch.nn.Module) -> None:
+        """The optimizer and the LR schedule (the recipe's, as the plug-ins reshape it);
+        ``accelerator.prepare`` wraps them (and a replicated model in DDP)."""
+        acc, cfg = self.accelerator, self.cfg
+        self.raw_optimizer = optimizer = _build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        if sharded:  # FSDP2 owns the model and optimizer state; Accelerate the rest
+        if self.sharded:  # FSDP2 owns the model and optimizer state; Accelerate the rest
             self.model, self.optimizer = model, optimizer
             self.scheduler = acc.prepare(scheduler)
         else:
             self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+
+    def _lr_factor(self, step: int) -> float:
+        def recipe(s: int) -> float:
+            return lr_factor(s, self.cfg.schedule, self.steps_per_epoch, self.total_steps)
+        for plugin in self.plugins:  # a phase may replace the recipe's LR (Sup-tickets' cycles)
+            recipe = functools.partial(plugin.lr_factor, recipe=recipe)
+        return recipe(step)
+
+    def _build_sparsity(self) -> Sparsifier | None:
+        """The Sparsifier on the wrapped parameters, with the plug-ins' sparse settings."""
+        cfg = self.cfg
+        if not cfg.sparse:
+            return None
         sparsity = cfg.sparsity
-        if t.enabled and t.no_mask_updates:  # masks change only by re-explore in the cycles
-            sparsity = dataclasses.replace(sparsity, update_stop=self.pretrain_epochs / epochs)
-        if cfg.sparse:
-            _check_exclude(self.model, sparsity.exclude)
-        self.sparsifier = (
-            Sparsifier(self.model, optimizer, sparsity, self.total_steps,
-                       epoch_steps=self.steps_per_epoch * cfg.schedule.multiplier)
-            if cfg.sparse else None
-        )
-        if self.sparsifier is not None:
-            self._check_sparse_schedule(sparsity)
-        if cfg.schedule.warmup_epochs >= epochs:
-            raise ConfigError(f"--warmup {cfg.schedule.warmup_epochs}: the warm-up is not shorter than the "
-                              f"run ({epochs} epochs); use --warmup <= {max(0, epochs - 1)}")
-        self.tickets = (SuperTickets(t.superposing, t.cima_factor, cfg.sparsity.final_density,
-                                     list(self.sparsifier.masks), self.run_dir / "supertickets")
-                        if t.enabled and cyclic else None)
-        # What a step costs (flops.step_flops): masks only, or a dense gradient at updates.
-        self.growth = None if not cfg.sparse else (
-            "static" if cfg.sparsity.method in ("static", "GMP", "GMP_uniform") else cfg.sparsity.growth)
-        self.flops = FlopsCounter(
-            layer_cost, self.sparsifier.state.layer_densities() if self.sparsifier else None)
-        self.state = TrainState(micro_batch_global=self.loaders.train.batch_size * acc.num_processes,
-                                accumulate=cfg.optim.accumulate)
-        self.checkpointer = ck = Checkpointer(self.run_dir, cfg.checkpoint.keep_last,
-                                              acc.process_index, acc.num_processes)
+        for plugin in self.plugins:
+            sparsity = plugin.sparse_config(sparsity)
+        _check_exclude(self.model, sparsity.exclude)
+        sparsifier = Sparsifier(self.model, self.raw_optimizer, sparsity, self.total_steps,
+                                epoch_steps=self.steps_per_epoch * cfg.schedule.multiplier)
+        self._check_sparse_schedule(sparsifier, sparsity)
+        return sparsifier
+
+    def _build_checkpointer(self) -> Checkpointer:
+        acc = self.accelerator
+        ck = Checkpointer(self.run_dir, self.cfg.checkpoint.keep_last, acc.process_index, acc.num_processes)
         ck.register("model", ModelState(self.model))
-        ck.register("optimizer", OptimizerState(self.model, optimizer))
+        ck.register("optimizer", OptimizerState(self.model, self.raw_optimizer))
         ck.register("scheduler", self.scheduler, plain=True)
         ck.register("train_state", self.state, plain=True)
         if self.sparsifier is not None:
             ck.register("sparse_state", self.sparsifier, "--sparse")
         ck.register("flops", self.flops, plain=True)
-        if self.tickets is not None:
-            ck.register("supertickets", self.tickets, "Sup-tickets: --pre_train --cyclic_train")
+        for plugin in self.plugins:
+            if plugin.state_key is not None:
+                ck.register(plugin.state_key, plugin, plugin.flags)
         if acc.scaler is not None:
             ck.register("scaler", acc.scaler, "--mixed-precision fp16", plain=True)
         ck.register("rng_state", RNGState(), per_rank=True)
-        self.tracker = Tracker(acc, self.run_dir, cfg.log.wandb, cfg.log.wandb_project, cfg.log.wandb_mode)
-        # Nothing in the run folder is written before the run is accepted: lock, check and load
-        # the checkpoint first (a refusal leaves the folder as it was).
+        return ck
+
+    def _start(self) -> None:
+        """Nothing in the run folder is written before the run is accepted: lock, check and
+        load the checkpoint first (a refusal leaves the folder as it was); then the config,
+        the tracker, the header and ``Event.INIT``."""
+        cfg = self.cfg
         self.lock = RunLock(self.run_dir)
         self._resume()
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             save_config(cfg, self.run_dir)
         self.preemption = Preemption()
         self.state.wandb_id = self.tracker.start(cfg.to_dict(), self.state.wandb_id)
         if self.sparsifier is not None and self.state.step == 0:
             self.tracker.log_layers(self.sparsifier.state.layer_densities(), step=0)
         self._header()
+        self.fire(Event.INIT)
 
-    def _check_sparse_schedule(self, sparsity) -> None:
+    def fire(self, event: Event) -> None:
+        """Run every plug-in's hook for ``event``, in registration order."""
+        for plugin in self.plugins:
+            plugin.on_event(event, self)
+
+    def _check_sparse_schedule(self, sp: Sparsifier, sparsity) -> None:
         """Refuse settings the sparse method cannot carry out (ConfigError naming the flags and
         a value that works): no mask update at all, a pruning window that holds no update or
         ends after the run, a density at which some layer gets no weight."""
-        sp = self.sparsifier
         problem = schedule_problem(sp.method, sp.update_until, self.total_steps,
                                    self.steps_per_epoch * self.cfg.schedule.multiplier, sparsity.final_density)
         if problem:
@@ -253,68 +279,11 @@ class Trainer:
                               f"weight ({empty[0]} first; --sparse-init {sparsity.sparse_init}): the network "
                               f"cannot learn; use --density >= {density:g}")
 
-    # ------------------------------------------------------------------------------------
-    def _lr_factor(self, step: int) -> float:
-        """The recipe's LR schedule; with Sup-tickets, over the pre-train epochs, then the
-        cyclic triangle (or the LR the pre-train phase ended with)."""
-        cfg, spe = self.cfg, self.steps_per_epoch
-        if not self.cfg.tickets.enabled:
-            return lr_factor(step, cfg.schedule, spe, self.total_steps)
-        pre = dataclasses.replace(cfg.schedule, epochs=self.pretrain_epochs, multiplier=1.0)
-        start = self.pretrain_epochs * spe
-        if step < start:
-            return lr_factor(step, pre, spe, start)
-        t = cfg.tickets
-        if not t.cyc_lr:
-            return lr_factor(start - 1, pre, spe, start)
-        local = step - start
-        position = ((local // spe) % t.cycle + (local % spe) / spe) / t.cycle
-        return cyclic_lr(position, t.lr_1, t.lr_2) / cfg.optim.lr
-
-    def _tickets_epoch_end(self) -> None:
-        """Sup-tickets at the end of an epoch: keep S_0, superpose a finished cycle's ticket,
-        re-explore at the start of the next cycle (with this epoch's last gradient)."""
-        t, done, pre = self.cfg.tickets, self.state.epoch, self.pretrain_epochs
-        if done == pre:
-            self.tickets.start(self._full_state())
-        if done > pre and (done - pre) % t.cycle == 0:
-            self._superpose()
-        if t.re_explore and pre <= done < self.epochs and (done - pre) % t.cycle == 0:
-            report = self.sparsifier.update(rate=t.large_death_rate)
-            self.flops.set_densities(report.layer_densities)
-            self._on_mask_update(report)
-
-    def _full_state(self) -> dict[str, torch.Tensor]:
+    def full_state(self) -> dict[str, torch.Tensor]:
         """The training model's full (unsharded, unwrapped) state dict, on every rank."""
         if self.sharded:
             return full_state_dict(self.model)
         return self.accelerator.unwrap_model(self.model).state_dict()
-
-    def _superpose(self) -> None:
-        """Superpose this ticket, cut to the final density, recalibrate BN, evaluate, save."""
-        acc = self.accelerator
-        state = self.tickets.add(self._full_state())
-        with torch.random.fork_rng(devices=[]):  # building the copy must not move the run's RNG
-            model = self._new_model()
-        model.load_state_dict(state)
-        model.to(acc.device)
-        if self.cfg.tickets.update_bn:
-            self.loaders.train.set_epoch(self.state.epoch)
-            batches = (self._to_device(x, y) for x, y in self.loaders.train)
-            seen = recalibrate_bn(model, batches, lambda v: acc.reduce(v, reduction="mean"))
-            self.flops.count_forward(seen * acc.num_processes)
-            self.tickets.set_current(model.state_dict())
-        loss, accuracy = self._eval_split(self.loaders.test, model)
-        masked = [state[n] for n in self.tickets.masked]
-        record = {"supertickets/acc": accuracy, "supertickets/loss": loss,
-                  "supertickets/density": sum(int((w != 0).sum()) for w in masked) / sum(w.numel() for w in masked),
-                  "supertickets/ticket": self.tickets.index}
-        self.tracker.log(record, self.state.step, self.state.epoch)
-        self.last_superposed = record
-        if acc.is_main_process:
-            self.tickets.save(model.state_dict())
-        self._print(f"superposed model {self.tickets.index}: test acc {accuracy:.4f}, "
-                    f"density {record['supertickets/density']:.4f}")
 
     def _resume(self) -> None:
         """Take the run folder's lock, find and verify the checkpoint (rank 0), load it on
@@ -329,7 +298,7 @@ class Trainer:
             try:
                 note = self.lock.acquire()
                 if note:
-                    self._print(note)
+                    self.print(note)
                 path = self.checkpointer.resolve(self.cfg.checkpoint.resume)
                 decision[0] = str(path) if path else None
             except CheckpointError as err:
@@ -353,13 +322,13 @@ class Trainer:
         if acc.is_main_process:
             aside = self.checkpointer.abandon_after(path)
             if aside is not None:
-                self._print(f"moved the checkpoints after {path.name} aside to {aside} "
+                self.print(f"moved the checkpoints after {path.name} aside to {aside} "
                             f"(--resume auto continues from {path.name} on)")
             dropped = self.tracker.rewind(self.state.step)
             if dropped:
-                self._print(f"metrics.jsonl: {dropped} records after step {self.state.step} moved to "
+                self.print(f"metrics.jsonl: {dropped} records after step {self.state.step} moved to "
                             f"metrics-rewound.jsonl (those steps are trained again)")
-        self._print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
+        self.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
 
     def _continue_elastic(self) -> None:
         """After loading: if the global batch changed (processes, --batch-size or
@@ -386,7 +355,7 @@ class Trainer:
         for group, base, fn in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * fn(st.schedule_step)
         scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        self._print(f"the global batch changed from {old_global} to {micro * k} "
+        self.print(f"the global batch changed from {old_global} to {micro * k} "
                     f"({acc.num_processes} processes x {self.loaders.train.batch_size} x {k}): "
                     f"continuing epoch {st.epoch} at sample {steps_done * micro * k} with "
                     f"{self.steps_per_epoch} steps per epoch")
@@ -426,9 +395,9 @@ class Trainer:
         ]
         if self.loaders.val is None:
             lines.append("no validation split: the best model is selected on the test set")
-        self._print("\n".join(lines))
+        self.print("\n".join(lines))
 
-    def _print(self, text: str) -> None:
+    def print(self, text: str) -> None:
         if self.accelerator.is_main_process:
             with tqdm.external_write_mode():  # above a bar; flushed, for SLURM logs
                 print(text, flush=True)
@@ -471,7 +440,7 @@ class Trainer:
                                      if k in ("train/loss", "train/acc", "sparsity/density", "itop/rate")})
                     eta = ((time.perf_counter() - started) / (st.schedule_step - start_step)
                            * (last_step - st.schedule_step))
-                    self._print(self.tracker.log_line(st.step, last_step - st.step_shift, st.epoch, record, eta))
+                    self.print(self.tracker.log_line(st.step, last_step - st.step_shift, st.epoch, record, eta))
                     loss_sum.zero_(), correct_sum.zero_()
                     seen, window, tick = 0, 0, time.perf_counter()
                 epoch_done = st.batch_in_epoch >= per_epoch
@@ -480,8 +449,8 @@ class Trainer:
                 stop = st.schedule_step >= last_step
                 if epoch_done or stop or (cfg.schedule.eval_every and st.step % cfg.schedule.eval_every == 0):
                     is_best = self._evaluate()
-                    if epoch_done and self.tickets is not None:
-                        self._tickets_epoch_end()
+                    if epoch_done:
+                        self.fire(Event.EPOCH_END)
                     if epoch_done or stop or is_best or self._save_due():  # the best is kept
                         self._save(is_best)
                 elif self._save_due():
@@ -504,7 +473,7 @@ class Trainer:
         record = {"preempted": True, "requeued": requeued, "signal": self.preemption.signal,
                   "signal_name": self.preemption.signal_name}
         self.tracker.log(record, self.state.step, self.state.epoch)  # metrics.jsonl: W&B is closed
-        self._print(f"stop signal {record['signal_name']}: checkpoint at step {self.state.step} written"
+        self.print(f"stop signal {record['signal_name']}: checkpoint at step {self.state.step} written"
                     + ("; job requeued" if requeued else "; resume with --resume auto"))
         return {**record, "step": self.state.step}
 
@@ -521,7 +490,7 @@ class Trainer:
         correct = torch.zeros((), device=acc.device)
         count = 0
         for i, (x, y) in enumerate(micro_batches):
-            x, y = self._to_device(x, y)
+            x, y = self.to_device(x, y)
             with self._grad_sync(last=i == k - 1):
                 logits = self.model(x)
                 loss = torch.nn.functional.cross_entropy(
@@ -530,6 +499,7 @@ class Trainer:
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
             count += y.numel()
+        self.fire(Event.AFTER_BACKWARD)
         self.optimizer.step()
         self.state.step += 1
         # A step skipped for inf/NaN gradients (fp16) changed no weight: no mask hook.
@@ -537,10 +507,11 @@ class Trainer:
         if self.sparsifier is not None and not acc.optimizer_step_was_skipped:
             report = self.sparsifier.step()  # re-mask; prune and regrow on update steps
         # This step's cost (a RigL update step needed the dense gradient), then new densities.
-        self.flops.step(None, count * acc.num_processes, self.growth, update_step=report is not None)
+        cost_kind = self.sparsifier.method.cost_kind if self.sparsifier is not None else None
+        self.flops.step(None, count * acc.num_processes, cost_kind, update_step=report is not None)
         if report is not None:
-            self.flops.set_densities(report.layer_densities)
-            self._on_mask_update(report)
+            self.record_mask_update(report)
+        self.fire(Event.AFTER_OPTIMIZER_STEP)
         self.scheduler.step()
         return loss_sum / k, correct, count
 
@@ -552,7 +523,7 @@ class Trainer:
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
 
     # ------------------------------------------------------------------------------------
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
+    def to_device(self, x: torch.Tensor, y: torch.Tensor):
         x = x.to(self.accelerator.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -585,15 +556,17 @@ class Trainer:
         self.tracker.log(record, self.state.step, self.state.epoch)
         return record
 
-    def _on_mask_update(self, report) -> None:
+    def record_mask_update(self, report) -> None:
+        """New masks: FLOPs at the new densities from now on; log the update (rank 0 prints)."""
+        self.flops.set_densities(report.layer_densities)
         self.tracker.log({"mask/pruned": report.pruned, "mask/regrown": report.regrown,
                           "mask/rate": report.rate, "sparsity/density": report.density,
                           "itop/rate": report.itop_rate}, self.state.step, self.state.epoch)
         self.tracker.log_layers(report.layer_densities, self.state.step)
-        self._print(str(report))  # "... The percentage of the total fired weights is R", as ITOP
+        self.print(str(report))  # "... The percentage of the total fired weights is R", as ITOP
 
     @torch.no_grad()
-    def _eval_split(self, loader: BatchLoader, model: torch.nn.Module | None = None) -> tuple[float, float]:
+    def evaluate_model(self, loader: BatchLoader, model: torch.nn.Module | None = None) -> tuple[float, float]:
         """(loss, accuracy) of ``model`` (the trained one by default) over the whole split,
         summed across ranks (no sample twice)."""
         model = model or self.model
@@ -601,7 +574,7 @@ class Trainer:
         totals = torch.zeros(3, device=self.accelerator.device)
         loader.set_epoch(0)
         for x, y in loader:
-            x, y = self._to_device(x, y)
+            x, y = self.to_device(x, y)
             logits = model(x)
             totals[0] += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
             totals[1] += (logits.argmax(1) == y).sum()
@@ -622,9 +595,9 @@ class Trainer:
 
     def _evaluate(self) -> bool:
         """Evaluate val (or test when there is no validation split) and test; True if best."""
-        test_loss, test_acc = self._eval_split(self.loaders.test)
+        test_loss, test_acc = self.evaluate_model(self.loaders.test)
         if self.loaders.val is not None:
-            val_loss, val_acc = self._eval_split(self.loaders.val)
+            val_loss, val_acc = self.evaluate_model(self.loaders.val)
         else:
             val_loss, val_acc = test_loss, test_acc
         record = {"val/loss": val_loss, "val/acc": val_acc, "test/loss": test_loss,
@@ -634,7 +607,7 @@ class Trainer:
             collectives.check_same({n: p.detach() for n, p in self.model.named_parameters()}, "weights")
         self.tracker.log(record, self.state.step, self.state.epoch)
         val = f"val acc {val_acc:.4f} " if self.loaders.val is not None else ""  # else val IS test
-        self._print(f"step {self.state.step} epoch {self.state.epoch}: {val}"
+        self.print(f"step {self.state.step} epoch {self.state.epoch}: {val}"
                     f"test acc {test_acc:.4f} " + " ".join(
                         f"{k} {record[k]:.4f}" for k in SHOWN if k in record))
         self.last_eval = record
@@ -675,14 +648,10 @@ class Trainer:
             "ranks_identical": True,  # _verify_replicas raised otherwise
             **{SUMMARY_NAMES[k]: v for k, v in self._sparse_numbers().items()},
         }
-        if self.tickets is not None and getattr(self, "last_superposed", None):
-            # The run's result is the last superposed model; the ticket's own accuracy beside it.
-            summary.update({"result": f"superposed model {self.tickets.index} (Sup-tickets)",
-                            "superposed_test_acc": self.last_superposed["supertickets/acc"],
-                            "superposed_density": self.last_superposed["supertickets/density"],
-                            "last_ticket_test_acc": summary["final_test_acc"]})
+        self.summary = summary
+        self.fire(Event.FIT_END)  # plug-ins add their results
         self.tracker.summary(summary, self.state.step, self.state.epoch)  # W&B: run summary, not history
-        self._print("summary: " + json.dumps(summary))
+        self.print("summary: " + json.dumps(summary))
         if self.cfg.log.plots and self.accelerator.is_main_process:
             plots.write_plots(self.run_dir / "metrics.jsonl", self.run_dir)
         return summary
@@ -693,6 +662,30 @@ class Trainer:
         self.preemption.close()
         self.tracker.finish()
         self.accelerator.end_training()
+
+
+def _build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The Accelerator (devices, precision, trackers) and with it the process group."""
+    precision = _resolve_precision(cfg)
+    if precision == "fp16" and (cfg.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("--mixed-precision fp16 (or the launcher's fp16): fp16 needs a CUDA GPU, "
+                          "this run is on cpu; use bf16 or no")
+    return Accelerator(
+        cpu=cfg.device == "cpu",
+        mixed_precision=precision,
+        step_scheduler_with_optimizer=False,  # the schedule is defined per optimizer step
+        log_with="wandb" if cfg.log.wandb and wandb_available() else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.dist_timeout))],
+    )
+
+
+def _check_same_job(cfg: TrainConfig) -> None:
+    """Every rank must run the same job: another --seed would train on overlapping shards,
+    another --update_frequency would hang at the first mask update (ConfigError)."""
+    differ = collectives.differing_settings({**flat_config(cfg.to_dict()), "code version": code_version()})
+    if differ:
+        raise ConfigError(f"the processes of this job were started with different settings "
+                          f"({'; '.join(differ[:3])}); start every rank with the same command")
 
 
 def _check_exclude(model: torch.nn.Module, exclude: tuple[str, ...]) -> None:

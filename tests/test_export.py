@@ -185,7 +185,7 @@ def test_gmp_from_a_dense_export_starts_from_those_weights(dense_export, sparse_
         weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
         assert weights.keys() == exported.keys()
         assert all(torch.equal(weights[n], exported[n]) for n in exported)  # step 0: the export
-        _, acc = trainer._eval_split(trainer.loaders.test)
+        _, acc = trainer.evaluate_model(trainer.loaders.test)
         assert acc == card["accuracy"]["test_acc"]
     finally:
         trainer.close()

@@ -11,6 +11,7 @@ from torch import nn
 
 from itop_dist import (PruneRateSchedule, SparseConfig, Sparsifier, UpdateSchedule, list_methods,
                        total_steps)
+from itop_dist.suptickets import ReExplore
 from itop_dist.topology import GROW_FNS, PRUNE_FNS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -419,7 +420,7 @@ def test_dense_layers_are_never_pruned_or_regrown(method, growth, redistribution
         report = check(sp.update)
         if method in ("DST", "GraNet", "GraNet_uniform"):
             assert report.pruned > 0 and report.pruned == report.regrown
-        check(lambda: sp.update(rate=0.5))
+        check(lambda: sp.update(ReExplore(cfg, 100, rate=0.5)))
 
 
 @pytest.mark.parametrize("redistribution", ["none", "magnitude", "nonzeros"])

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import models
 from data_pipelines import DataConfig, build_loaders
-from launcher.suptickets import SuperTickets, cut_to_density, cyclic_lr, phases, superpose
+from itop_dist.suptickets import Superposition, cut_to_density, cyclic_lr, phases, superpose
 from test_train import read_metrics, train
 
 # GraNet pre-training for 12 epochs (pruning 0.5 -> 0.05 by epoch 6), then 2 cycles of 2
@@ -57,7 +57,7 @@ TICKETS = [{"w": torch.tensor([3.0, 2.0, 0.0, 8.0]), "b": torch.tensor([4.0]), "
     ("CIMA", 0.3, 0.5, [[0.0, 0.0, 2.1, 5.2], [0.0, 0.0, 2.37, 3.64]]),
 ])
 def test_supertickets_superpose_with_the_papers_weights(tmp_path, method, factor, density, expected):
-    tickets = SuperTickets(method, factor, density, ["w"], tmp_path)
+    tickets = Superposition(method, factor, density, ["w"])
     tickets.start(S0)
     for ticket, want in zip(TICKETS, expected):
         got = tickets.add(ticket)
@@ -165,7 +165,8 @@ def test_suptickets_seed_command_runs_on_a_tiny_on_disk_cifar100(fake_cifar100_l
         summary = trainer.fit()
     finally:
         trainer.close()
-    assert summary["step"] == 1 and trainer.pretrain_epochs == 226 and trainer.tickets is not None
+    [tickets] = trainer.plugins
+    assert summary["step"] == 1 and tickets.pretrain_epochs == 226 and tickets.superposition is not None
 
 
 @pytest.mark.parametrize("recipe", ["imagenet_resnet50_suptickets_granet.yaml",

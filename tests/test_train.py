@@ -96,7 +96,8 @@ def _settings(cls, prefix=""):
 
 TRAINING_PATH = ["itop_dist", "data_pipelines", "models", "launcher/config.py", "launcher/trainer.py",
                  "launcher/checkpoint.py", "launcher/parallel.py", "launcher/preemption.py",
-                 "launcher/suptickets.py", "launcher/tracking.py", "launcher/train.py"]
+                 "launcher/events.py", "launcher/lr_schedule.py", "launcher/plugins", "launcher/tracking.py",
+                 "launcher/train.py"]
 OTHER_TOOLS_FLAGS = {"--multi_gpu", "--num_processes", "--mixed_precision", "--main_process_port",  # accelerate
                      "--signal", "--requeue"}  # sbatch
 
@@ -265,7 +266,7 @@ def test_accelerate_launch_runs_the_same_loop_with_bf16(tmp_path):
 
 def test_lr_schedule_follows_the_recipes():
     from launcher.config import ScheduleConfig
-    from launcher.trainer import lr_factor
+    from launcher.lr_schedule import lr_factor
 
     s = ScheduleConfig(epochs=250)
     assert [lr_factor(e * 10, s, 10, 2500) for e in (0, 124, 125, 186, 187)] == pytest.approx(
