@@ -95,6 +95,26 @@ class TrainState:
         vars(self).update(sd)
 
 
+class _Window:
+    """Training loss and accuracy summed on the device between two log lines (one host sync
+    per log line); ``started``/``start_step`` date the run's start for the eta."""
+
+    def __init__(self, device: torch.device, start_step: int) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.started, self.start_step = time.perf_counter(), start_step
+        self.reset()
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+        self.loss += loss
+        self.correct += correct
+        self.seen, self.steps = self.seen + count, self.steps + 1
+
+    def reset(self) -> None:
+        self.loss.zero_(), self.correct.zero_()
+        self.seen, self.steps, self.tick = 0, 0, time.perf_counter()
+
+
 class Trainer:
     """One training run: built in a fixed order, then ``fit()`` and ``close()``.
 
@@ -404,19 +424,12 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to the end (or ``--max-steps``); returns the summary also written last."""
-        cfg, acc, st = self.cfg, self.accelerator, self.state
+        cfg, st = self.cfg, self.state
         # The run's length is on the schedule's scale (st.schedule_step; == st.step unless an
         # elastic resume changed the steps per epoch).
-        last_step = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
-        # disable=None: tqdm turns itself off when its stream (stderr) is not a terminal (SLURM
-        # logs, pipes); then the log lines every --log-interval steps are the progress.
-        bar = tqdm(total=last_step, initial=st.schedule_step,
-                   disable=None if acc.is_main_process and cfg.log.progress else True,
-                   dynamic_ncols=True, desc=self.run_dir.name)
-        started, start_step = time.perf_counter(), st.schedule_step  # for the log lines' eta
-        loss_sum = torch.zeros((), device=acc.device)
-        correct_sum = torch.zeros((), device=acc.device)
-        seen, window, tick = 0, 0, time.perf_counter()
+        self.last_step = last_step = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
+        bar = self._progress_bar()
+        window = _Window(self.accelerator.device, st.schedule_step)
         k = cfg.optim.accumulate
         per_epoch = self.steps_per_epoch * k  # micro-batches used per epoch (the rest dropped)
         self.model.train()
@@ -424,37 +437,16 @@ class Trainer:
             self.loaders.train.set_epoch(st.epoch, start_batch=st.batch_in_epoch)
             micro = iter(self.loaders.train)
             while st.schedule_step < last_step and st.batch_in_epoch < per_epoch:
-                loss, correct, count = self._train_step([next(micro) for _ in range(k)])
+                window.add(*self._train_step([next(micro) for _ in range(k)]))
                 st.batch_in_epoch += k
-                loss_sum += loss
-                correct_sum += correct
-                seen, window = seen + count, window + 1
                 bar.update(1)
                 if st.step % cfg.log.log_every == 0 or st.schedule_step == last_step:
-                    record = self._train_record(loss_sum / window, correct_sum, seen,
-                                                time.perf_counter() - tick)
-                    self._check_finite("training loss", record["train/loss"])
-                    if self.sparsifier is not None:  # a rank's connectivity drifting: caught now
-                        self.sparsifier.verify()
-                    bar.set_postfix({k.split("/")[1]: round(v, 4) for k, v in record.items()
-                                     if k in ("train/loss", "train/acc", "sparsity/density", "itop/rate")})
-                    eta = ((time.perf_counter() - started) / (st.schedule_step - start_step)
-                           * (last_step - st.schedule_step))
-                    self.print(self.tracker.log_line(st.step, last_step - st.step_shift, st.epoch, record, eta))
-                    loss_sum.zero_(), correct_sum.zero_()
-                    seen, window, tick = 0, 0, time.perf_counter()
+                    self._log_window(window, bar)
                 epoch_done = st.batch_in_epoch >= per_epoch
                 if epoch_done:
                     st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                 stop = st.schedule_step >= last_step
-                if epoch_done or stop or (cfg.schedule.eval_every and st.step % cfg.schedule.eval_every == 0):
-                    is_best = self._evaluate()
-                    if epoch_done:
-                        self.fire(Event.EPOCH_END)
-                    if epoch_done or stop or is_best or self._save_due():  # the best is kept
-                        self._save(is_best)
-                elif self._save_due():
-                    self._save(False)
+                self._evaluate_and_save(epoch_done, stop)
                 if not stop and self.preemption.should_stop(st.step):
                     return self._preempted(bar)
                 if epoch_done:
@@ -462,6 +454,42 @@ class Trainer:
         bar.close()
         self._verify_replicas()
         return self._summary()
+
+    def _progress_bar(self) -> tqdm:
+        # disable=None: tqdm turns itself off when its stream (stderr) is not a terminal (SLURM
+        # logs, pipes); then the log lines every --log-interval steps are the progress.
+        return tqdm(total=self.last_step, initial=self.state.schedule_step,
+                    disable=None if self.accelerator.is_main_process and self.cfg.log.progress else True,
+                    dynamic_ncols=True, desc=self.run_dir.name)
+
+    def _log_window(self, window: _Window, bar: tqdm) -> None:
+        """Log the steps since the last log line (one host sync), check the loss is finite and
+        that every rank still trains rank 0's connectivity."""
+        st = self.state
+        record = self._train_record(window.loss / window.steps, window.correct, window.seen,
+                                    time.perf_counter() - window.tick)
+        self._check_finite("training loss", record["train/loss"])
+        if self.sparsifier is not None:  # a rank's connectivity drifting: caught now
+            self.sparsifier.verify()
+        bar.set_postfix({k.split("/")[1]: round(v, 4) for k, v in record.items()
+                         if k in ("train/loss", "train/acc", "sparsity/density", "itop/rate")})
+        eta = ((time.perf_counter() - window.started) / (st.schedule_step - window.start_step)
+               * (self.last_step - st.schedule_step))
+        self.print(self.tracker.log_line(st.step, self.last_step - st.step_shift, st.epoch, record, eta))
+        window.reset()
+
+    def _evaluate_and_save(self, epoch_done: bool, stop: bool) -> None:
+        """Evaluate at an epoch's end, the run's end and every --eval-every steps; checkpoint
+        at those (the best is kept) and every --save-every steps."""
+        every = self.cfg.schedule.eval_every
+        if epoch_done or stop or (every and self.state.step % every == 0):
+            is_best = self._evaluate()
+            if epoch_done:
+                self.fire(Event.EPOCH_END)
+            if epoch_done or stop or is_best or self._save_due():
+                self._save(is_best)
+        elif self._save_due():
+            self._save(False)
 
     def _preempted(self, bar) -> dict:
         """A stop signal: checkpoint this step on every rank, close the W&B run (a requeue
