@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from itop_dist.sparsifier import MASKED_MODULES, maskable_parameters
 
@@ -47,37 +48,51 @@ def layer_flops(
 ) -> dict[str, int]:
     """Dense forward FLOPs per sample of every conv and linear weight, by canonical name.
 
-    Runs ``model(example_input)`` once (``*example_input`` for a tuple) with forward hooks and
-    counts, for each call of each layer, 2 x (fan-in per output) x (outputs produced): for a
-    conv 2 * (C_in / groups) * k_h * k_w * C_out * H_out * W_out, for a linear 2 * in * out
-    times every extra leading dimension per sample (tokens of a (B, T, F) input). A layer
-    called several times is counted each time. The total is divided by ``batch_size``
-    (default: the leading dimension of the first input), which must divide it.
+    Runs ``model(example_input)`` once (``*example_input`` for a tuple) under PyTorch's
+    ``torch.utils.flop_counter.FlopCounterMode`` and gives each weight the FLOPs counted while
+    its module's forward ran: 2 x multiply-accumulates of the convolution or matrix product,
+    for a conv 2 * (C_in / groups) * k_h * k_w * C_out * H_out * W_out, for a linear
+    2 * in * out times every extra leading dimension per sample (tokens of a (B, T, F) input);
+    biases are not counted. A layer called several times is counted each time. The total is
+    divided by ``batch_size`` (default: the leading dimension of the first input), which must
+    divide it.
+
+    Why FlopCounterMode and per-module attribution: its formulas are exactly the papers'
+    convention for these layers (measured: ResNet-50 at 224x224 8,178,368,512, vgg-c
+    621,946,880, WRN-28-10 10,486,657,536, every layer equal to the shape formula above), but
+    its own per-module table is keyed by ``ClassName.path`` names, and its total also counts
+    products no masked layer makes (attention's ``bmm``), which the papers leave out. So only
+    what runs inside a masked module's forward is kept, keyed by the weight's name.
 
     Only shapes are read, so a model and input on the ``meta`` device work (no memory, no
-    compute: ResNet-50 at 224x224 in ~0.1 s); so does a real model on any device. The
+    compute: ResNet-50 at 224x224 in ~0.2 s); so does a real model on any device. The
     model runs in eval mode (batch norm statistics untouched, batch 1 allowed) and is put
     back in the modes it was in. Every weight ``maskable_parameters`` finds is listed, with
     0 (and a warning) for one that the forward never called through its module, e.g. an
     ``nn.MultiheadAttention`` out_proj, whose weight is used functionally.
+    Raises ``ValueError`` if ``batch_size`` does not divide a layer's FLOPs.
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     batch = inputs[0].shape[0] if batch_size is None else batch_size
     names = {id(p): n for n, p in maskable_parameters(model).items()}
     totals = dict.fromkeys(names.values(), 0)
+    counter = FlopCounterMode(display=False)
+    started: list[int] = []  # the counter's total when each running masked forward began
 
-    def count(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        weight = module.weight
-        fan_in = weight.numel() // weight.shape[0]  # C_in/groups * kernel, or in_features
-        totals[names[id(weight)]] += 2 * fan_in * output.numel()
+    def begin(module: nn.Module, args: tuple) -> None:
+        started.append(counter.get_total_flops())
+
+    def end(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        totals[names[id(module.weight)]] += counter.get_total_flops() - started.pop()
 
     modes = {m: m.training for m in model.modules()}
     # by module type too: an embedding tied to a linear head shares its weight, not its FLOPs
-    handles = [m.register_forward_hook(count) for m in model.modules()
-               if isinstance(m, MASKED_MODULES) and id(m.weight) in names]
+    masked = [m for m in model.modules() if isinstance(m, MASKED_MODULES) and id(m.weight) in names]
+    handles = [h for m in masked for h in (m.register_forward_pre_hook(begin), m.register_forward_hook(end))]
     try:
         model.eval()
-        model(*inputs)
+        with counter:
+            model(*inputs)
     finally:
         for handle in handles:
             handle.remove()

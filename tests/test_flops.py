@@ -87,6 +87,21 @@ def test_tied_embedding_is_not_counted():
     assert layer_flops(Tied(), torch.zeros(2, 5, dtype=torch.long)) == {"head.weight": 2 * 4 * 11 * 5}
 
 
+def test_products_outside_masked_layers_are_not_counted():
+    """FlopCounterMode counts every matmul; the papers count only the masked layers' own."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+
+        def forward(self, x):  # (B, T=5, 4)
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return (q @ k.transpose(1, 2)).softmax(-1) @ v  # 2 bmm of 2*5*5*4 FLOPs each
+
+    assert layer_flops(Attention(), torch.randn(2, 5, 4)) == {"qkv.weight": 2 * 4 * 12 * 5}
+
+
 def test_meta_equals_real_and_model_state_untouched():
     real = tiny_net().train()
     real[1].eval()  # a mixed-mode model is restored module by module
@@ -194,13 +209,13 @@ def test_counter_resumes_where_it_stopped():
 @pytest.fixture(scope="module")
 def resnet50():
     with torch.device("meta"):  # shapes only; test_resnet50_real_forward checks a real forward
-        model = models.create_model("resnet50", "imagenet")
+        model = models.create_model("resnet50", "imagenet", num_classes=1000)
     shapes = {n: tuple(p.shape) for n, p in maskable_parameters(model).items()}
     return layer_flops(model, torch.empty(1, 3, 224, 224, device="meta")), shapes
 
 
 def test_resnet50_real_forward_matches(resnet50):
-    model = models.create_model("resnet50", "imagenet")
+    model = models.create_model("resnet50", "imagenet", num_classes=1000)
     assert layer_flops(model, torch.randn(1, 3, 224, 224)) == resnet50[0]
 
 
