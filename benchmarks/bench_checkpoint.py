@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     args = parser.parse_args()
     root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-"))
-    model = models.create_model("ResNet-50", "imagenet")
+    model = models.create_model("ResNet-50", "imagenet", num_classes=1000)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sparsifier = Sparsifier(model, optimizer, SparseConfig(density=0.1, sparse_init="ERK"), total_steps=1000)
     model(torch.randn(2, 3, 64, 64)).sum().backward()

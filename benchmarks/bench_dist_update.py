@@ -48,7 +48,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(0)
-    model = models.create_model("resnet50", "imagenet").to(device)
+    model = models.create_model("resnet50", "imagenet", num_classes=1000).to(device)
     if args.sharding == "fsdp":
         model = apply_fsdp(model, "no")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

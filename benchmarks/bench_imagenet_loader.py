@@ -4,7 +4,7 @@ All read the same generated ImageNet-style tree (JPEGs of about 400x350 with pho
 content, quality 90) with the training augmentation (random-resized-crop 224 + flip +
 normalise), batch 64, 2 threads / workers, and produce normalised float32 batches:
 
-* ``dali``: ``data_pipelines.dali`` CPU pipeline (``device_id=None``), fused decode + crop
+* ``dali``: ``data_pipelines.imagenet.dali_backend`` CPU pipeline (``device_id=None``), fused decode + crop
   (``decoders.image_random_crop``);
 * ``dali-decode-then-crop``: the same with a full ``decoders.image`` then ``random_resized_crop``
   (what the fused decoder saves);
@@ -83,7 +83,7 @@ def time_epochs(make_iter, epochs: int, repeats: int) -> tuple[float, float, int
 
 
 def dali_loader(root: Path, args, fused: bool):
-    from data_pipelines import dali
+    from data_pipelines.imagenet import dali_backend as dali
 
     folder = epoch_folder(root, args.passes)
     loader = dali.DaliLoader(folder, args.batch, train=True, image_size=224, num_workers=args.workers)

@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = models.create_model("resnet50", "imagenet").to(device)
+    model = models.create_model("resnet50", "imagenet", num_classes=1000).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     sparsifier = Sparsifier(model, optimizer, SparseConfig(density=0.2, growth="gradient"), 1000)
     x = torch.randn(args.batch, 3, 224, 224, device=device)

@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    model = models.create_model("ResNet-50", "imagenet")
+    model = models.create_model("ResNet-50", "imagenet", num_classes=1000)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sp = Sparsifier(model, optimizer, SparseConfig(density=0.1, sparse_init="ERK"), total_steps=1000)
     x, y = torch.randn(4, 3, 224, 224), torch.randint(0, 1000, (4,))

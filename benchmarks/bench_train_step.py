@@ -19,6 +19,7 @@ import time
 import torch
 
 import models
+from data_pipelines import DATASETS
 from itop_dist import SparseConfig, Sparsifier
 
 
@@ -36,13 +37,13 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = models.DATASETS[args.data].input_shape
-    classes = models.DATASETS[args.data].num_classes
+    shape = DATASETS[args.data].input_shape
+    classes = DATASETS[args.data].num_classes
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
     def build(sparse: bool):
         torch.manual_seed(0)
-        model = models.create_model(args.model, args.data).to(device, memory_format=fmt)
+        model = models.create_model(args.model, args.data, num_classes=classes).to(device, memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         sp = (Sparsifier(model, opt, SparseConfig(density=args.density, growth=args.growth,
                                                   update_frequency=10**9), total_steps=10**6)

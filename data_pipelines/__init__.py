@@ -12,7 +12,9 @@ a run resumed mid-epoch sees exactly the batches of an uninterrupted run::
 
 Datasets plug in by name with ``@register_dataset(name)``; see ``list_datasets()``. ImageNet
 is read from its folder layout batch by batch, by NVIDIA DALI or torchvision
-(``data_pipelines.imagenet``), behind the same loader interface.
+(``data_pipelines.imagenet``). Every loader is a ``ShardedLoader`` (``sharding.py``): one
+strided sharding rule, the same ``len``, ``set_epoch`` and resume semantics. ``DATASETS``
+gives the class count and input shape of each named dataset without loading it.
 
 Data that cannot be used (missing or misplaced folders, unreadable or undecodable files) raises
 ``DataError`` (a ``ValueError``) with one line naming the path, also while a loader iterates;
@@ -27,17 +29,21 @@ from .build import Loaders, build_loaders, check_loaders
 from .config import DataConfig
 from .errors import DataError
 from .loader import BatchLoader
-from .registry import DatasetSpec, list_datasets, register_dataset, register_loaders
+from .registry import DATASETS, DatasetInfo, DatasetSpec, list_datasets, register_dataset, register_loaders
+from .sharding import ShardedLoader
 from .transforms import CropFlip, Normalize
 
 __all__ = [
+    "DATASETS",
     "BatchLoader",
     "CropFlip",
     "DataConfig",
     "DataError",
+    "DatasetInfo",
     "DatasetSpec",
     "Loaders",
     "Normalize",
+    "ShardedLoader",
     "build_loaders",
     "check_loaders",
     "list_datasets",

@@ -13,6 +13,7 @@ from .errors import DataError
 from .config import DataConfig
 from .loader import BatchLoader
 from .registry import DatasetSpec, get_dataset_fn, get_loaders_fn
+from .sharding import ShardedLoader, check_rank
 from .transforms import Normalize
 
 __all__ = ["Loaders", "build_loaders", "check_loaders", "train_valid_cut"]
@@ -25,13 +26,13 @@ class Loaders:
     """The loaders of one rank and what the model needs to know about the data.
 
     val is None when the validation split is 0 (CIFAR-100, digits by default: REF then selects
-    on the test set). File-based datasets (ImageNet) return their own loaders with the same
-    interface (``len``, ``num_samples``, ``set_epoch``, iteration over ``(x, y)``).
+    on the test set). In-memory datasets give ``BatchLoader``s, file-based ones (ImageNet)
+    their own ``ShardedLoader``s.
     """
 
-    train: BatchLoader  # or any loader with BatchLoader's interface (data_pipelines.imagenet)
-    val: BatchLoader | None
-    test: BatchLoader
+    train: ShardedLoader
+    val: ShardedLoader | None
+    test: ShardedLoader
     num_classes: int
     input_shape: tuple[int, ...]
 
@@ -53,8 +54,7 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
     Raises ``ValueError`` naming the flag for files that are missing or corrupt, a validation
     split that leaves a part empty, or a ``--batch-size`` larger than a rank's share.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+    check_rank(rank, world_size)  # before loading anything
     from_files = get_loaders_fn(cfg.name)
     if from_files is not None:  # read batch by batch from disk (ImageNet)
         return from_files(cfg, seed, rank, world_size)

@@ -16,11 +16,9 @@ from torchvision import datasets as tvd
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import check_integrity
 
-from models.registry import DATASETS, DatasetInfo
-
 from .config import DataConfig
 from .errors import DataError
-from .registry import DatasetSpec, register_dataset
+from .registry import DATASETS, DatasetInfo, DatasetSpec, register_dataset
 from .transforms import CropFlip
 
 # file name -> "is this file intact?" (only called on files that exist)

@@ -6,7 +6,10 @@ so a new in-memory dataset is one function.
 
 Datasets too large for memory (ImageNet) register with ``@register_loaders(name)`` instead: a
 function ``fn(cfg, seed, rank, world_size) -> Loaders`` that builds its own file-based loaders
-(with the ``BatchLoader`` interface). Both kinds share one namespace of ``--data`` names.
+(``ShardedLoader``s, as ``BatchLoader``). Both kinds share one namespace of ``--data`` names.
+
+``DATASETS`` holds what a model needs to know of each named dataset (``DatasetInfo``: class
+count, input shape), for tools that build a model without loading the data (``itop-inspect``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 import torch
 
 from .errors import DataError
-from models.registry import DatasetInfo
-
 from .transforms import CropFlip
 
 if TYPE_CHECKING:  # only for annotations: config imports this module
@@ -26,7 +27,9 @@ if TYPE_CHECKING:  # only for annotations: config imports this module
     from .config import DataConfig
 
 __all__ = [
+    "DATASETS",
     "DatasetFn",
+    "DatasetInfo",
     "DatasetSpec",
     "LoadersFn",
     "check_dataset",
@@ -38,6 +41,24 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset: class count and per-sample input shape."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(10, (1, 28, 28)),
+    "cifar10": DatasetInfo(10, (3, 32, 32)),
+    "cifar100": DatasetInfo(100, (3, 32, 32)),
+    "imagenet": DatasetInfo(1000, (3, 224, 224)),  # at the recipe's --image-size 224
+    # scikit-learn's bundled 8x8 digits (64 features, integer values 0..16): a tiny CPU dataset.
+    "digits": DatasetInfo(10, (1, 8, 8)),
+}
+
+
 @dataclass
 class DatasetSpec:
     """A dataset held in memory, as a registered function returns it.
@@ -45,7 +66,7 @@ class DatasetSpec:
     train_x / test_x: (N, *info.input_shape) images, uint8 in 0..255 (scaled by 1/255 like
         torchvision's ``ToTensor`` before normalising) or float32 (normalised as they are).
     train_y / test_y: (N,) int64 labels in [0, info.num_classes).
-    info: class count and per-sample input shape (``models.DATASETS`` for the named datasets).
+    info: class count and per-sample input shape (``DATASETS`` for the named datasets).
     mean / std: per-channel normalisation, in the units after the 1/255 scaling of uint8 data.
     augment: training augmentation, or None.
     valid_split: the reference default of ``--valid-split`` for this dataset.
@@ -92,19 +113,25 @@ _REGISTRY: dict[str, DatasetFn] = {}
 _LOADERS: dict[str, LoadersFn] = {}
 
 
+def _register(table: dict, name: str) -> Callable:
+    """A decorator storing its function in ``table`` under ``name``; ``ValueError`` if either
+    kind of dataset already has the name (they share the ``--data`` names)."""
+
+    def decorator(fn):
+        if name in _REGISTRY or name in _LOADERS:
+            raise ValueError(f"Dataset {name!r} is already registered")
+        table[name] = fn
+        return fn
+
+    return decorator
+
+
 def register_dataset(name: str) -> Callable[[F], F]:
     """Decorator: register ``fn(cfg: DataConfig) -> DatasetSpec`` as ``--data name``.
 
     Raises ``ValueError`` if the name is taken.
     """
-
-    def decorator(fn: F) -> F:
-        if name in _REGISTRY or name in _LOADERS:
-            raise ValueError(f"Dataset {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return _register(_REGISTRY, name)
 
 
 def register_loaders(name: str) -> Callable[[L], L]:
@@ -113,14 +140,7 @@ def register_loaders(name: str) -> Callable[[L], L]:
     For file-based datasets that build their own loaders (ImageNet). Raises ``ValueError`` if
     the name is taken by either kind of dataset.
     """
-
-    def decorator(fn: L) -> L:
-        if name in _REGISTRY or name in _LOADERS:
-            raise ValueError(f"Dataset {name!r} is already registered")
-        _LOADERS[name] = fn
-        return fn
-
-    return decorator
+    return _register(_LOADERS, name)
 
 
 def list_datasets() -> list[str]:

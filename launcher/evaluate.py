@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 
 import models
+from data_pipelines import DATASETS, build_loaders
 from itop_dist import maskable_parameters
 from itop_dist.flops import layer_flops, sparse_flops
 from itop_dist.topology import unpack_bits
@@ -175,7 +176,7 @@ def default_shape(cfg: TrainConfig) -> tuple[tuple[int, ...], int]:
     d = cfg.data
     if d.name == "synthetic":
         return tuple(d.synthetic_shape), d.synthetic_classes
-    info = models.DATASETS[d.name]
+    info = DATASETS[d.name]
     if d.name == "imagenet":
         return (3, d.image_size, d.image_size), info.num_classes
     return info.input_shape, info.num_classes
@@ -254,8 +255,6 @@ def resolve_device(name: str) -> torch.device:
 def evaluate(loaded: LoadedCheckpoint, data: str | None = None, data_dir: str | None = None,
              batch_size: int | None = None, device: str = "auto") -> dict:
     """Everything ``itop-eval`` prints, as a JSON-ready dict (see the module docstring)."""
-    from data_pipelines import build_loaders
-
     cfg = loaded.cfg
     changes = {k: v for k, v in (("name", data), ("data_dir", data_dir), ("test_batch_size", batch_size))
                if v is not None}

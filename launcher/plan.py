@@ -20,6 +20,7 @@ import sys
 import torch
 
 import models
+from data_pipelines import DATASETS
 from itop_dist import SparseConfig, maskable_parameters
 from itop_dist.flops import layer_flops, sparse_flops, train_step_flops
 from itop_dist.topology import DENSITY_RULES, GROW_FNS, exact_count, layer_densities
@@ -33,7 +34,7 @@ def inspect_model(model_name: str, data: str, density: float, sparse_init: str,
                   update_frequency: int | None = None) -> dict:
     """The per-layer plan as a JSON-ready dict (see the module docstring).
 
-    ``flops`` holds FLOPs per sample (one input of ``models.DATASETS[data].input_shape``):
+    ``flops`` holds FLOPs per sample (one input of ``data_pipelines.DATASETS[data].input_shape``):
     ``dense`` f_D, ``sparse`` f_S at the realised layer densities, ``test_rel`` f_S / f_D and,
     when ``growth`` or ``update_frequency`` is given, ``train_rel``: the steady-state training
     FLOPs per step of that method over dense training's 3 f_D."""
@@ -43,8 +44,9 @@ def inspect_model(model_name: str, data: str, density: float, sparse_init: str,
     SparseConfig(density=density, sparse_init=sparse_init, erk_power_scale=erk_power_scale,
                  growth=growth, update_frequency=update_frequency)
     with torch.device("meta"):  # shapes only: no memory, no init time, and a forward in ~0.1 s
-        model = models.create_model(model_name, data)
-        example = torch.empty(1, *models.DATASETS[data].input_shape)
+        info = DATASETS[data]
+        model = models.create_model(model_name, data, num_classes=info.num_classes)
+        example = torch.empty(1, *info.input_shape)
     params = maskable_parameters(model)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     densities = layer_densities(sparse_init, shapes, density, erk_power_scale)
@@ -98,7 +100,7 @@ def format_table(plan: dict) -> str:
     lines.append(f"{plan['model']} on {plan['data']}: {plan['total_params']:,} parameters, "
                  f"{plan['masked_params']:,} masked, {plan['sparse_init']} at density "
                  f"{plan['requested_density']}")
-    size = "x".join(map(str, models.DATASETS[plan["data"]].input_shape))
+    size = "x".join(map(str, DATASETS[plan["data"]].input_shape))
     lines.append(f"FLOPs per {size} sample (2 x multiply-adds, conv and linear): dense "
                  f"{si(flops['dense'])}, sparse {si(flops['sparse'])} = "
                  f"{flops['test_rel']:.3f}x dense")
@@ -111,7 +113,7 @@ def format_table(plan: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="itop-inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", default="cifar10", choices=sorted(models.DATASETS))
+    parser.add_argument("--data", default="cifar10", choices=sorted(DATASETS))
     parser.add_argument("--density", type=float, default=0.05)
     parser.add_argument("--sparse-init", "--sparse_init", dest="sparse_init", default="ERK",
                         choices=sorted(DENSITY_RULES))

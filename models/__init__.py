@@ -1,18 +1,18 @@
 """Model zoo of itop_dist: plain single-device ``nn.Module``s returning logits.
 
 Models know nothing about masks, sparsity or distribution; ``itop_dist`` decides which layers
-are masked. Build one with ``create_model(name, dataset)``; see ``list_models()``.
+are masked, ``data_pipelines`` what the data is (models import neither). Build one with
+``create_model(name, dataset, num_classes=...)``: the dataset name picks the variant; see
+``list_models()``.
 """
 
 from __future__ import annotations
 
 # Importing the architecture modules registers their models.
 from . import alexnet, imagenet, mlp, resnet, vgg, wrn  # noqa: F401
-from .registry import DATASETS, DatasetInfo, create_model, list_models, model_datasets, register_model
+from .registry import create_model, list_models, model_datasets, register_model
 
 __all__ = [
-    "DATASETS",
-    "DatasetInfo",
     "create_model",
     "list_models",
     "model_datasets",

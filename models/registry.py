@@ -4,6 +4,9 @@ Names are looked up case-insensitively, ignoring ``-``, ``_`` and ``.``, so ``Re
 ``resnet34`` and ``resnet_34`` are one model. Several constructors may share one normalised
 name if they fit different datasets; the dataset then picks the variant (``resnet50`` on
 ``imagenet`` is torchvision's ResNet-50, on ``cifar10`` the GraNet/Sup-tickets CIFAR ResNet-50).
+The dataset is only that key (spelt as ``--data`` names it, ``CIFAR-10`` = ``cifar10``): models
+know nothing else of the data, so the class count is always given (``data_pipelines.DATASETS``
+has each dataset's).
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 __all__ = [
-    "DATASETS",
-    "DatasetInfo",
     "ModelFn",
     "create_model",
     "list_models",
@@ -24,23 +25,6 @@ __all__ = [
     "register_model",
 ]
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about a dataset: class count and per-sample input shape."""
-
-    num_classes: int
-    input_shape: tuple[int, ...]
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(10, (1, 28, 28)),
-    "cifar10": DatasetInfo(10, (3, 32, 32)),
-    "cifar100": DatasetInfo(100, (3, 32, 32)),
-    "imagenet": DatasetInfo(1000, (3, 224, 224)),
-    # scikit-learn's bundled 8x8 digits (64 features, integer values 0..16): a tiny CPU dataset.
-    "digits": DatasetInfo(10, (1, 8, 8)),
-}
 
 ModelFn = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFn)
@@ -63,22 +47,13 @@ def _normalise(name: str) -> str:
     return _IGNORED.sub("", name).lower()
 
 
-def _resolve_dataset(dataset: str) -> str:
-    """Map a dataset spelling (``CIFAR-10``, ``cifar10``) to its ``DATASETS`` key."""
-    by_norm = {_normalise(k): k for k in DATASETS}
-    key = by_norm.get(_normalise(dataset))
-    if key is None:
-        raise ValueError(f"Unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
-    return key
-
-
 def register_model(name: str, datasets: tuple[str, ...] | list[str]) -> Callable[[F], F]:
     """Decorator: register ``fn(num_classes, **kwargs) -> nn.Module`` as ``name`` for ``datasets``.
 
-    Raises ``ValueError`` for an unknown dataset, or if a model with the same normalised name
-    already fits one of ``datasets`` (the dataset would no longer pick a unique variant).
+    Raises ``ValueError`` if a model with the same normalised name already fits one of
+    ``datasets`` (the dataset would no longer pick a unique variant).
     """
-    resolved = tuple(_resolve_dataset(d) for d in datasets)
+    resolved = tuple(_normalise(d) for d in datasets)
     if not resolved:
         raise ValueError(f"Model {name!r} must fit at least one dataset")
 
@@ -109,22 +84,21 @@ def list_models() -> list[str]:
 
 
 def model_datasets(name: str) -> tuple[str, ...]:
-    """Datasets that ``name`` fits, across all its variants, in ``DATASETS`` order."""
-    fits = {d for e in _variants(name) for d in e.datasets}
-    return tuple(d for d in DATASETS if d in fits)
+    """Datasets that ``name`` fits, across all its variants, sorted."""
+    return tuple(sorted({d for e in _variants(name) for d in e.datasets}))
 
 
-def create_model(
-    name: str, dataset: str, num_classes: int | None = None, **kwargs: Any
-) -> nn.Module:
-    """Build model ``name`` for ``dataset``; ``num_classes`` defaults to the dataset's.
+def create_model(name: str, dataset: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build the variant of model ``name`` for ``dataset`` with ``num_classes`` outputs.
 
     Extra keyword arguments go to the constructor (``None`` values are dropped, as in timm),
-    e.g. ``create_model("resnet50", "imagenet", init="classic")``. The model takes inputs of
-    shape ``(B, *DATASETS[dataset].input_shape)`` and returns logits ``(B, num_classes)``.
+    e.g. ``create_model("resnet50", "imagenet", num_classes=1000, init="classic")``. The model
+    takes inputs of that dataset's shape, ``(B, *input_shape)``, and returns logits
+    ``(B, num_classes)``. Raises ``ValueError`` for an unknown model or one without a variant
+    for ``dataset``.
     """
     variants = _variants(name)
-    key = _resolve_dataset(dataset)
+    key = _normalise(dataset)
     for entry in variants:
         if key in entry.datasets:
             break
@@ -133,7 +107,5 @@ def create_model(
             f"Model {variants[0].display_name!r} does not fit dataset {key!r}; "
             f"it fits: {', '.join(model_datasets(name))}"
         )
-    if num_classes is None:
-        num_classes = DATASETS[key].num_classes
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return entry.fn(num_classes, **kwargs)

@@ -9,6 +9,7 @@ carry no md5 check. Nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -17,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from data_pipelines import (
+    DATASETS,
     BatchLoader,
     CropFlip,
     DataConfig,
+    DatasetInfo,
     DatasetSpec,
     Loaders,
     Normalize,
@@ -27,9 +30,8 @@ from data_pipelines import (
     list_datasets,
     register_dataset,
 )
-from data_pipelines.loader import derive_seed
+from data_pipelines.sharding import derive_seed
 from conftest import FakeSet, random_set
-from models import DatasetInfo
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.50708, 0.48655, 0.44092), (0.26733, 0.25644, 0.27615)
@@ -101,6 +103,18 @@ def test_registry_lists_builtins_and_plugs_in_new_datasets() -> None:
 )
 def test_bad_flags_raise_naming_the_flag(kwargs: dict, flag: str) -> None:
     _one_line_error(flag, DataConfig, **kwargs)
+
+
+def test_datasets_table() -> None:
+    assert DATASETS == {
+        "mnist": DatasetInfo(10, (1, 28, 28)),
+        "cifar10": DatasetInfo(10, (3, 32, 32)),
+        "cifar100": DatasetInfo(100, (3, 32, 32)),
+        "imagenet": DatasetInfo(1000, (3, 224, 224)),
+        "digits": DatasetInfo(10, (1, 8, 8)),
+    }
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DATASETS["mnist"].num_classes = 3  # type: ignore[misc]
 
 
 def test_unknown_dataset_error_lists_known_ones() -> None:
@@ -342,7 +356,7 @@ def _ranks(n: int, world_size: int, batch_size: int, seed: int = 4) -> list[Batc
 
 
 def test_train_shard_is_strided_and_whole_global_batches() -> None:
-    from data_pipelines.loader import train_batches, train_positions, train_shard
+    from data_pipelines.sharding import train_batches, train_positions, train_shard
 
     order = torch.arange(100) * 10  # a stand-in permutation: entry = 10 * position
     # W=3, B=3 from global position 40: 60 left -> 6 steps of 9, positions 40 .. 93.

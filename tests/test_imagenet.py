@@ -1,4 +1,4 @@
-"""ImageNet loaders (data_pipelines.imagenet, data_pipelines.dali) on a generated JPEG tree.
+"""ImageNet loaders (data_pipelines.imagenet: torchvision and DALI backends) on a generated JPEG tree.
 
 The tree has ImageNet's layout (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``), images of
 varied sizes, a grayscale and a CMYK JPEG among them. Every image is one solid colour, unique
@@ -26,6 +26,9 @@ from PIL import Image
 from data_pipelines import DataConfig, DataError, build_loaders, check_loaders
 from data_pipelines import imagenet as inet
 from data_pipelines.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetLoader, scan_split
+from data_pipelines.imagenet import build as inet_build
+from data_pipelines.imagenet import torchvision_backend
+from data_pipelines.sharding import derive_seed
 
 HAVE_DALI = inet.dali_available()[0]
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed (pip install -e '.[dali]')")
@@ -138,7 +141,7 @@ def test_dali_cpu_pipeline_shapes_dtypes_ranges_and_labels(tree: Tree) -> None:
     assert ids == list(range(13)) and labels == [0] * 5 + [1] * 4 + [2] * 4
     # Every training image once, unaugmented: the grayscale and the CMYK JPEG decode to their
     # own colours, as 3 channels (_identify checks each image's colour).
-    from data_pipelines.dali import DaliLoader
+    from data_pipelines.imagenet.dali_backend import DaliLoader
 
     every = DaliLoader(train.folder, 8, train=False, image_size=32)
     ids, _ = _run(every, tree)
@@ -169,9 +172,9 @@ def test_two_ranks_see_every_sample_exactly_once_per_epoch(tree: Tree, loader: s
         assert len(seen) == len(set(seen)) == 20  # each of 24 at most once; 2 per rank dropped
         orders.append(seen)
     assert orders[0] != orders[1]  # reshuffled every epoch
-    # Evaluation: 13 samples, shards of 6 and 7, every one counted once.
+    # Evaluation: 13 samples, strided shards of 7 and 6, every one counted once.
     val = [_run(r.test, tree)[0] for r in ranks]
-    assert val == [list(range(6)), list(range(6, 13))]
+    assert val == [list(range(0, 13, 2)), list(range(1, 13, 2))]
     assert [len(r.test) for r in ranks] == [2, 2]
 
 
@@ -231,7 +234,7 @@ def test_loader_choice_and_flag_validation(monkeypatch: pytest.MonkeyPatch) -> N
         DataConfig(name="imagenet", decode_device="tpu")
     assert inet.resolve_loader("torchvision") == "torchvision"
     assert inet.resolve_loader("auto") == ("dali" if HAVE_DALI else "torchvision")
-    monkeypatch.setattr(inet, "dali_available", lambda: (False, "ImportError: No module named 'nvidia'"))
+    monkeypatch.setattr(inet_build, "dali_available", lambda: (False, "ImportError: No module named 'nvidia'"))
     assert inet.resolve_loader("auto") == "torchvision"
     with pytest.raises(ValueError, match=re.escape("--loader dali: NVIDIA DALI cannot be imported")):
         inet.resolve_loader("dali")
@@ -348,6 +351,7 @@ WORKER = REPO / "tests" / "workers" / "dist_train.py"
 
 @needs_dali
 @pytest.mark.slow
+@pytest.mark.dist
 def test_two_process_sparse_training_with_the_dali_loader(tree: Tree, tmp_path: pathlib.Path) -> None:
     from test_distributed import assert_identical, free_port, ranks
 
@@ -408,7 +412,7 @@ def test_imagenet_recipes_hold_the_reference_hyperparameters(path: pathlib.Path)
 def _train_ranks(tree: Tree, loader: str, world_size: int, batch_size: int, seed: int = 7) -> list[ImageNetLoader]:
     folder = scan_split(tree.root, "train")
     if loader == "dali":
-        from data_pipelines.dali import DaliLoader as cls
+        from data_pipelines.imagenet.dali_backend import DaliLoader as cls
     else:
         cls = inet.TorchvisionLoader
     return [cls(folder, batch_size, train=True, image_size=32, seed=seed, rank=r, world_size=world_size)
@@ -425,15 +429,26 @@ def _ids_from(loader: ImageNetLoader, tree: Tree, epoch: int, start_sample: int)
     return ids, batches
 
 
-def test_imagenet_training_shards_are_strided() -> None:
-    perm = inet.train_permutation(24, 7, 2)
+def _permutation(tree: Tree, epoch: int) -> list[int]:
+    """The training order of ``epoch`` (seed 7): one rank with batches of one sees all of it."""
+    return _train_ranks(tree, "torchvision", 1, 1)[0].indices(epoch).tolist()
+
+
+def test_imagenet_shards_are_strided_and_keep_imagenets_permutation() -> None:
+    def loader(n: int, b: int, rank: int, world: int, train: bool = True) -> ImageNetLoader:
+        files = tuple(f"n0/{i:02d}.JPEG" for i in range(n))
+        folder = inet.ImageFolder(pathlib.Path("nowhere"), ("n0",), files, torch.zeros(n, dtype=torch.int64))
+        return ImageNetLoader(folder, b, train=train, seed=7, rank=rank, world_size=world)
+
+    perm = loader(24, 1, 0, 1).indices(2)
+    # ImageNet's own shuffle stream (10), so that runs resumed mid-epoch keep their order.
+    assert perm.tolist() == torch.randperm(24, generator=torch.Generator().manual_seed(derive_seed(7, 10, 2))).tolist()
     # 24 samples, 2 ranks x 5: 2 steps of 10 -> positions 0..19, rank r takes r, r + 2, ...
-    assert inet.shard_indices(24, 5, 1, 2, train=True, seed=7, epoch=2).tolist() == perm[1:20:2].tolist()
-    assert inet.train_chunks(24, 5, 2, 7, 2).tolist() == [perm[0:20:2].tolist(), perm[1:20:2].tolist()]
+    assert loader(24, 5, 1, 2).indices(2).tolist() == perm[1:20:2].tolist()
     # From global sample 8 under 3 ranks x 3: (24 - 8) // 9 = 1 step, positions 8..16.
-    late = inet.shard_indices(24, 3, 2, 3, train=True, seed=7, epoch=2, start_sample=8)
-    assert late.tolist() == perm[10:17:3].tolist()
-    assert inet.shard_indices(13, 4, 1, 2, train=False).tolist() == list(range(6, 13))  # evaluation: contiguous
+    assert loader(24, 3, 2, 3).indices(2, start_sample=8).tolist() == perm[10:17:3].tolist()
+    # Evaluation: strided as well (the rule of every loader), in order, nothing dropped.
+    assert loader(13, 4, 1, 2, train=False).indices(0).tolist() == list(range(1, 13, 2))
 
 
 ELASTIC = [((2, 4), (3, 3), 1, 1, 7),  # s = 8: (24 - 8) // 9 = 1 batch per rank, 7 dropped
@@ -447,7 +462,7 @@ def test_torchvision_elastic_resume_uses_every_sample_at_most_once(tree: Tree, b
                                                                    dropped) -> None:
     epoch = 1
     (w, b), (w2, b2) = before, after
-    perm = inet.train_permutation(24, 7, epoch).tolist()
+    perm = _permutation(tree, epoch)
     first = []
     for loader in _train_ranks(tree, "torchvision", w, b):
         loader.set_epoch(epoch)
@@ -496,7 +511,7 @@ def test_imagenet_start_sample_is_validated(tree: Tree) -> None:
 def test_dali_elastic_resume_uses_every_sample_at_most_once(tree: Tree, before, after, k, left, dropped) -> None:
     epoch = 1
     (w, b), (w2, b2) = before, after
-    perm = inet.train_permutation(24, 7, epoch).tolist()
+    perm = _permutation(tree, epoch)
     first = []
     for r, loader in enumerate(_train_ranks(tree, "dali", w, b)):
         full, _ = _ids_from(loader, tree, epoch, 0)
@@ -579,14 +594,14 @@ def test_failures_in_dataloader_workers_are_data_errors(copy: pathlib.Path, kind
         _break(bad, "truncated")
         expect = f"--data-dir: cannot decode {bad}: not a decodable image (image file is truncated"
     else:  # any other failure on a sample, in a (forked) worker process
-        real = inet._DecodeCrop._sample
+        real = torchvision_backend._DecodeCrop._sample
 
         def boom(self, path, epoch, i):
             if path == bad:
                 raise RuntimeError("out of cheese\nsecond line")
             return real(self, path, epoch, i)
 
-        monkeypatch.setattr(inet._DecodeCrop, "_sample", boom)
+        monkeypatch.setattr(torchvision_backend._DecodeCrop, "_sample", boom)
         expect = f"--data-dir: cannot decode {bad}: RuntimeError: out of cheese; remove or replace the file"
     train = build_loaders(_cfg(copy, "torchvision", batch_size=4, num_workers=2), seed=0).train
     _data_error(expect, _run_plain, train)
@@ -703,7 +718,7 @@ def _mode_files(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]]:
 
 @needs_dali
 def test_every_pil_mode_decodes_to_dalis_pixels(tmp_path: pathlib.Path) -> None:
-    from data_pipelines.dali import decode_with_dali
+    from data_pipelines.imagenet.dali_backend import decode_with_dali
 
     files = _mode_files(tmp_path)
     got = decode_with_dali([p for p, _ in files.values()])
@@ -787,7 +802,7 @@ def test_files_dali_cannot_decode_are_named(copy: pathlib.Path, kind: str) -> No
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize(("n", "world", "counts"), [(1, 2, [0, 1]), (1, 3, [0, 0, 1]), (4, 3, [1, 1, 2]),
+@pytest.mark.parametrize(("n", "world", "counts"), [(1, 2, [1, 0]), (1, 3, [1, 0, 0]), (4, 3, [2, 1, 1]),
                                                     (2, 2, [1, 1])])
 def test_evaluation_split_smaller_than_the_processes(tree: Tree, loader: str, n: int, world: int,
                                                      counts: list[int]) -> None:
@@ -795,7 +810,7 @@ def test_evaluation_split_smaller_than_the_processes(tree: Tree, loader: str, n:
     # The first n validation images, each its own label, so that y names the sample.
     folder = inet.ImageFolder(full.root, CLASSES, full.files[:n], torch.arange(n))
     if loader == "dali":
-        from data_pipelines.dali import DaliLoader as cls
+        from data_pipelines.imagenet.dali_backend import DaliLoader as cls
     else:
         cls = inet.TorchvisionLoader
     seen = []
@@ -803,10 +818,10 @@ def test_evaluation_split_smaller_than_the_processes(tree: Tree, loader: str, n:
         test = cls(folder, 4, train=False, image_size=32, rank=r, world_size=world)
         assert len(test) == (1 if counts[r] else 0)
         test.set_epoch(0)
-        ys = [y.tolist() for _, y in test]
-        assert sum(len(y) for y in ys) == counts[r]
-        seen += [i for y in ys for i in y]
-    assert seen == list(range(n))  # each image once, in order
+        ys = [i for _, y in test for i in y.tolist()]
+        assert len(ys) == counts[r] and ys == list(range(r, n, world))  # strided, in order
+        seen += ys
+    assert sorted(seen) == list(range(n))  # each image once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -833,7 +848,7 @@ def test_data_dir_that_is_a_file_is_named(tmp_path: pathlib.Path, copy: pathlib.
             raise PermissionError(13, "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(inet.os, "scandir", denied)
+    monkeypatch.setattr(os, "scandir", denied)
     _data_error(f"--data-dir {copy}: cannot list {copy / 'val' / CLASSES[1]}: Permission denied",
                 build_loaders, _cfg(copy, "torchvision"), seed=0)
 

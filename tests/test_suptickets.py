@@ -100,7 +100,7 @@ def test_caa_and_cima_differ(runs):
 
 def test_batch_norm_statistics_are_recalibrated_on_the_training_data(runs):
     state = load_file(runs["CAA"] / "supertickets" / "superposed-2.safetensors")
-    model = models.create_model("digits-mlp-bn", "digits")
+    model = models.create_model("digits-mlp-bn", "digits", num_classes=10)
     model.load_state_dict(state)
     loaders = build_loaders(DataConfig(name="digits", batch_size=64), seed=17)
     loaders.train.set_epoch(16)  # the pass after the last epoch, as the trainer ran it

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import models
+from data_pipelines import DATASETS
 from itop_dist import maskable_parameters
 from itop_dist import topology as T
 
 
 def shapes_of(name: str, data: str) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = models.create_model(name, data)
+        model = models.create_model(name, data, num_classes=DATASETS[data].num_classes)
     return {n: tuple(p.shape) for n, p in maskable_parameters(model).items()}
 
 

@@ -363,7 +363,7 @@ def test_bn_weight_decay_off_exempts_every_norm_layer():
     from launcher.trainer import _build_optimizer
 
     cfg = parse_config(["--model", "ResNet-18", "--data", "cifar10", "--bn-weight-decay", "false"])
-    model = models.create_model("ResNet-18", "cifar10")
+    model = models.create_model("ResNet-18", "cifar10", num_classes=10)
     no_decay = {id(p) for g in _build_optimizer(model, cfg).param_groups if g["weight_decay"] == 0
                 for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in no_decay}

@@ -1,14 +1,13 @@
-"""The NVIDIA DALI ImageNet pipeline (``--loader dali``); imported only when it is used.
+"""The NVIDIA DALI ImageNet pipeline (``--loader dali``); imported only by ``build`` when it is used.
 
 One DALI pipeline per iteration of a loader (an epoch, or one pass over the validation set):
 
 * reader: ``fn.readers.file`` over an explicit file list. For training the list is this
-  GLOBAL rank's own part of the epoch, in order (``ImageNetLoader.indices``: positions
+  GLOBAL rank's own part of the epoch, in order (``ShardedLoader.indices``: positions
   s + r, s + r + W, ... of the epoch's permutation, the sharding rule of every loader,
-  ``loader.train_shard``, from the resume point s on, whole global batches only), read as
-  shard 0 of 1: every rank runs the same number of batches, and each pipeline lists only
-  its 1/W of the files. For evaluation it is likewise this GLOBAL rank's own shard
-  (``ImageNetLoader.indices``: samples floor(N r / W) .. floor(N (r + 1) / W) - 1; the local
+  from the resume point s on, whole global batches only), read as shard 0 of 1: every rank
+  runs the same number of batches, and each pipeline lists only its 1/W of the files. For
+  evaluation it is likewise this GLOBAL rank's own shard (samples r, r + W, ...; the local
   rank would evaluate every machine of a multi-node run on the same fraction of the data),
   read as shard 0 of 1 with ``pad_last_batch=True``: DALI pads the last batch by repeating
   the last sample and the iterator (``LastBatchPolicy.PARTIAL`` with ``reader_name``) drops
@@ -44,22 +43,15 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .imagenet import (
-    _DALI,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RATIO,
-    SCALE,
-    ImageNetLoader,
-    bad_file_error,
-    find_undecodable,
-    unreadable_reason,
-    val_resize,
-)
-from .errors import DataError
-from .loader import derive_seed
+from ..errors import DataError
+from ..sharding import derive_seed
+from .checks import bad_file_error, find_undecodable, unreadable_reason
+from .loader import CROP_ATTEMPTS, IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, ImageNetLoader, val_resize
 
 __all__ = ["DaliLoader", "decode_with_dali", "find_dali_undecodable", "imagenet_pipeline"]
+
+# derive_seed stream tag of the pipeline seed (crops, flips).
+_DALI = 12
 
 READER = "Reader"
 PREFETCH = 2  # batches DALI prepares ahead (pipeline prefetch_queue_depth)
@@ -67,7 +59,7 @@ PREFETCH = 2  # batches DALI prepares ahead (pipeline prefetch_queue_depth)
 # mixed decoder does not reallocate during the first epoch.
 GPU_DECODER_MEMORY = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512)
 # How every pipeline here decodes: 8-bit RGB; EXIF orientation ignored, as torchvision's and
-# PIL's readers do (the torchvision loader matches these pixels: imagenet.to_rgb8).
+# PIL's readers do (the torchvision loader matches these pixels: decode.to_rgb8).
 DECODE = dict(output_type=types.RGB, adjust_orientation=False)
 
 
@@ -80,8 +72,6 @@ def imagenet_pipeline(
     file_root: str,
     files: list[str],
     labels: list[int],
-    shard_id: int,
-    num_shards: int,
     pad_last_batch: bool,
     augment: bool,
     image_size: int,
@@ -106,13 +96,13 @@ def imagenet_pipeline(
                   prefetch_queue_depth=PREFETCH)
     def pipe():
         jpegs, y = fn.readers.file(
-            file_root=file_root, files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=False, pad_last_batch=pad_last_batch, name=READER)
+            file_root=file_root, files=files, labels=labels, random_shuffle=False,
+            pad_last_batch=pad_last_batch, name=READER)
         if augment:
             # EXIF orientation is ignored, as torchvision's and PIL's readers do.
             img = fn.decoders.image_random_crop(
                 jpegs, device=decode, **DECODE,
-                random_area=list(SCALE), random_aspect_ratio=list(RATIO), num_attempts=10, **memory)
+                random_area=list(SCALE), random_aspect_ratio=list(RATIO), num_attempts=CROP_ATTEMPTS, **memory)
             img = fn.resize(img, resize_x=s, resize_y=s, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
             crop = None
@@ -135,29 +125,23 @@ class DaliLoader(ImageNetLoader):
 
     backend = "dali"
 
-    def _pipeline_input(self, start_batch: int, order: torch.Tensor) -> tuple[list[int], int, int, bool]:
-        """(sample indices for the reader, shard_id, num_shards, pad_last_batch) of an
-        iteration yielding ``order`` (``ImageNetLoader._order``)."""
-        # Training: this rank's part from the resume point on, whole batches (the same count on
-        # every rank, so DROP discards nothing). Evaluation: this rank's shard (from
-        # ``start_batch`` on), its last batch padded by DALI and the padding dropped.
-        return order.tolist(), 0, 1, not self.train
-
-    def _batches(self, epoch: int, start_batch: int,
-                 order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, epoch: int, first: int, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         b = self.batch_size
         count = -(-len(order) // b)  # batches of this iteration (training: all full)
         if count == 0:
             return
-        files, shard_id, num_shards, pad = self._pipeline_input(start_batch, order)
+        # The reader lists exactly ``order`` (shard 0 of 1). Training: whole batches, the same
+        # count on every rank, so DROP discards nothing. Evaluation: DALI pads the last batch
+        # and PARTIAL drops the padding.
+        files = order.tolist()
         folder = self.folder
         pipe = imagenet_pipeline(
             file_root=str(folder.root), files=[folder.files[i] for i in files],
-            labels=folder.labels[files].tolist(), shard_id=shard_id, num_shards=num_shards,
-            pad_last_batch=pad, augment=self.augment, image_size=self.image_size, gpu=self.gpu,
-            fp16_output=self.fp16_output, channels_last=self.channels_last,
-            batch_size=self.batch_size, num_threads=dali_threads(self.num_workers),
-            seed=derive_seed(self.seed, _DALI, epoch, self.rank, start_batch) % 2**31)
+            labels=folder.labels[files].tolist(), pad_last_batch=not self.train, augment=self.augment,
+            image_size=self.image_size, gpu=self.gpu, fp16_output=self.fp16_output,
+            channels_last=self.channels_last, batch_size=self.batch_size,
+            num_threads=dali_threads(self.num_workers),
+            seed=derive_seed(self.seed, _DALI, epoch, self.rank, first) % 2**31)
         j = 0  # batches of this iteration handed out
         try:
             pipe.build()
@@ -180,7 +164,7 @@ class DaliLoader(ImageNetLoader):
                     x = x.permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S), channels_last strides
                 yield x, y
         except RuntimeError as err:
-            raise self._decode_error(err, epoch, start_batch + j, order[j * b:(j + PREFETCH + 2) * b]) from None
+            raise self._decode_error(err, epoch, first + j, order[j * b:(j + PREFETCH + 2) * b]) from None
         # An iteration abandoned earlier frees the pipeline when its generator is closed or
         # collected (the trainer rebinds it at the next epoch).
 
@@ -276,7 +260,7 @@ def find_dali_undecodable(paths: list[Path], gpu: bool = False) -> tuple[Path, s
 
 def decode_with_dali(paths: list[Path], gpu: bool = False) -> list[torch.Tensor]:
     """uint8 (3, H, W) RGB of each file, decoded as the DALI loaders decode (no crop, no
-    resize): the counterpart of ``imagenet.decode_file``. ``DataError`` naming a file it fails on."""
+    resize): the counterpart of ``decode.decode_file``. ``DataError`` naming a file it fails on."""
     out = []
     for path, img in _decode_each(list(paths), gpu):
         if isinstance(img, str):
