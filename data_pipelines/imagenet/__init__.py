@@ -61,7 +61,7 @@ The modules: ``folder`` (``scan_split``), ``checks`` (the pre-flight, errors nam
 
 from __future__ import annotations
 
-from .build import build_imagenet, dali_available, resolve_loader, use_gpu
+from .build import build_imagenet, dali_available, resolve_loader
 from .checks import check_file, check_files
 from .decode import decode_file, to_rgb8
 from .folder import ImageFolder, scan_split
@@ -83,6 +83,5 @@ __all__ = [
     "resolve_loader",
     "scan_split",
     "to_rgb8",
-    "use_gpu",
     "val_resize",
 ]
