@@ -1,15 +1,18 @@
 """One typed configuration tree for a training run, from a YAML/TOML file plus CLI flags.
 
-Precedence: dataclass defaults < ``--config FILE`` < flags given on the command line. The
-papers' ``main.py`` flags keep their names and meanings; every flag is accepted with
-underscores and with dashes (``--update_frequency`` = ``--update-frequency``). The resolved
-tree is written to the run folder as ``config.yaml``.
+Precedence: dataclass defaults < ``--preset NAME`` (configs/presets/) < ``--config FILE`` <
+flags given on the command line. The flags are derived from the dataclass fields by tyro
+(``--<field>``, or the papers' name in :data:`FLAG_NAMES`); the papers' ``main.py`` flags keep
+their names and meanings, and every flag is accepted with underscores and with dashes
+(``--update_frequency`` = ``--update-frequency``). The resolved tree is written to the run
+folder as ``config.yaml``, which ``--config`` reads back as the same tree.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import difflib
+import functools
 import hashlib
 import json
 import math
@@ -19,14 +22,23 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
+import tyro
 import yaml
+from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, StructConstructorSpec, StructFieldSpec
 
 import models
 from models.imagenet import INITS
-from data_pipelines import DataConfig
+from data_pipelines import DataConfig, list_datasets
+from data_pipelines.config import DECODE_DEVICES, LOADERS
 from itop_dist import SparseConfig
+from itop_dist.config import APPLY_MODES, DECAY_SCHEDULES, REDISTRIBUTIONS
+from itop_dist.methods import METHODS
+from itop_dist.topology import DENSITY_RULES, GROW_FNS, PRUNE_FNS
+
+Init = Literal[INITS]  # ImageNet ResNet-50's initialisations
 
 
 @dataclass
@@ -34,11 +46,11 @@ class ModelConfig:
     """name: registry name (``--model``); init: ``fanin``/``classic`` for ImageNet ResNet-50
     (``-c``); channels_last: None = on for conv models on CUDA."""
 
-    name: str = "digits-mlp"
-    init: str | None = None
+    name: str = "digits-mlp"  # a registered model (models.list_models()), in any case
+    init: Init | None = None
     channels_last: bool | None = None
-    # --initial-checkpoint: start from these weights (a model.safetensors, an itop-export folder
-    # or a checkpoint folder); with --sparse the run's own init decides the masks.
+    # Start from these weights (a model.safetensors, an itop-export folder or a checkpoint
+    # folder); with --sparse the run's own init decides the masks.
     initial_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -56,7 +68,7 @@ class OptimConfig:
     ImageNet recipe; the reference's name rule 'bn' misses the downsample BNs, this does not).
     """
 
-    name: str = "sgd"
+    name: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -90,7 +102,7 @@ class ScheduleConfig:
 
     epochs: float = 250
     multiplier: float = 1.0
-    lr_schedule: str = "multistep"
+    lr_schedule: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: tuple[float, ...] = (0.5, 0.75)
     milestone_epochs: tuple[int, ...] | None = None
     gamma: float = 0.1
@@ -137,7 +149,7 @@ class LogConfig:
     progress: bool = True
     wandb: bool = True
     wandb_project: str = "itop_dist"
-    wandb_mode: str = "auto"
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -170,7 +182,7 @@ class TicketsConfig:
     large_death_rate: float = 0.8
     no_mask_updates: bool = False
     update_bn: bool = False
-    superposing: str = "CAA"
+    superposing: Literal["CAA", "CIMA"] = "CAA"
     cima_factor: float = 0.5
     label: str | None = None
     pretrain_epochs: int | None = None
@@ -198,10 +210,13 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
     seed: int = 17
-    mixed_precision: str = "launcher"
-    device: str = "auto"
-    sharding: str = "ddp"
+    mixed_precision: Literal["launcher", "no", "bf16", "fp16", "auto"] = "launcher"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sharding: Literal["ddp", "fsdp"] = "ddp"
     dist_timeout: float = 10.0  # minutes a collective may wait for the other ranks
+    # configs/presets/<preset>.yaml, applied beneath --config and the flags (recorded, so that the
+    # run's config.yaml says where its values came from).
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         self.sparsity.seed = self.seed  # masks are drawn from --seed, identically on every rank
@@ -249,11 +264,12 @@ class TrainConfig:
 # Settings that may change when a run is resumed; every other setting is the run's identity.
 # Epochs may be extended; cadences of logs, evaluations and checkpoints, where the data lies and
 # how it is decoded, and the machine (device, processes, sharding, and so the per-process batch
-# and accumulation: the elastic rule of launcher/trainer.py) may change.
+# and accumulation: the elastic rule of launcher/trainer.py) may change; so may the name of the
+# preset, whose values are settings of their own.
 RESUMABLE = ("schedule.epochs", "schedule.max_steps", "schedule.eval_every", "checkpoint.", "log.", "dist_timeout",
              "data.data_dir", "data.download", "data.num_workers", "data.loader", "data.batch_size",
              "data.test_batch_size", "data.check_data", "optim.accumulate", "device", "sharding", "model.channels_last",
-             "model.initial_checkpoint", "tickets.label")
+             "model.initial_checkpoint", "tickets.label", "preset")
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:
@@ -333,11 +349,9 @@ def _shown(value) -> str:
 def _coerce(hint, value, key: str):
     """``value`` as field type ``hint``: lists (or one scalar) to typed tuples, ints to floats;
     BadValue naming the key and the expected type otherwise."""
-    args = typing.get_args(hint)
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    base = next(a for a in args if a is not type(None)) if union else hint
+    base = _base(hint)
     if value is None:
-        if union and type(None) in args:
+        if base is not hint:
             return None
         raise BadValue(key, f"must be {_expected(base)}, got null")
     if typing.get_origin(base) is tuple:
@@ -353,12 +367,30 @@ def _coerce(hint, value, key: str):
         if not math.isfinite(value):
             raise BadValue(key, f"must be a finite number, got {value!r}")
         return float(value)
-    if base is str and not isinstance(value, str):
+    if (base is str or typing.get_origin(base) is Literal) and not isinstance(value, str):
         raise BadValue(key, f"must be a string, got {_shown(value)}")
+    if isinstance(value, str):
+        return _canonical_choice(value, choices(key, base))
     return value
 
 
+def _base(hint):
+    """The type of an optional field (``float`` for ``float | None``); ``hint`` otherwise."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _canonical_choice(value: str, options: tuple[str, ...]) -> str:
+    """``value`` spelled as the one choice it equals ignoring case (``gradient`` for
+    ``Gradient``); unchanged otherwise, so that the field's own check names the choices."""
+    same = [c for c in options if c.lower() == value.lower()]
+    return same[0] if len(same) == 1 else value
+
+
 def _expected(base) -> str:
+    if typing.get_origin(base) is Literal:
+        return "a string"
     if typing.get_origin(base) is tuple:
         return f"a list of {_expected(typing.get_args(base)[0])}s"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
@@ -396,125 +428,111 @@ def set_path(tree: dict, dotted: str, value) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line: the papers' flags, both spellings
+# The command line: one flag per field of the tree, derived by tyro
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+# Flags that are not --<field name>: the papers' names, and the fields that several sections
+# share (name, channels_last). (flag, *aliases); an empty tuple: no flag of its own.
+FLAG_NAMES: dict[str, tuple[str, ...]] = {
+    "model.name": ("--model",),
+    "model.init": ("--init", "-c"),
+    "data.name": ("--data",),
+    "data.data_dir": ("--data-dir", "--datadir"),
+    "data.batch_size": ("--batch-size", "-b"),
+    "data.num_workers": ("--num-workers", "-j", "--workers"),
+    "data.channels_last": ("--loader-channels-last",),
+    "sparsity.density": ("--density", "--init-density"),
+    "sparsity.death": ("--death", "--prune"),
+    "sparsity.death_rate": ("--death-rate", "--prune-rate"),
+    "sparsity.apply_mode": ("--mask-apply",),
+    "sparsity.seed": (),  # --seed: masks are drawn from the run's seed
+    "optim.name": ("--optimizer",),
+    "optim.weight_decay": ("--weight-decay", "--l2", "--wd"),
+    "optim.accumulate": ("--grad-accum-steps", "--gradient-accumulation-steps"),
+    "schedule.warmup_epochs": ("--warmup",),
+    "checkpoint.every_steps": ("--save-every",),
+    "log.output_dir": ("--output-dir", "--save-dir"),
+    "log.log_every": ("--log-interval", "--log-every", "-p", "--print-freq"),
+    "tickets.enabled": ("--pre_train", "--cyclic_train"),
+    "tickets.pretrain_epochs": ("--pretrain_epoch",),
+    "tickets.no_mask_updates": ("--no_maskupdates",),
+    "tickets.update_bn": ("--update_bn", "--bn_update"),
+    "tickets.superposing": ("--superposing_method",),
+    "tickets.cima_factor": ("--CIMA_factor",),
+    "tickets.label": ("--indicate_method",),
+}
+
+# Bools that take a value (``--nesterov false``), as the papers' scripts pass them; every other
+# bool is a switch (``--download``, ``--no-download``).
+TRUE_FALSE = ("model.channels_last", "data.channels_last", "sparsity.exact_init", "sparsity.mask_momentum",
+              "optim.nesterov", "optim.bn_weight_decay")
+
+# The papers' flags that stand for another flag and its value.
+SHORTHANDS = {"--fix": ("--method", "static"), "--fp16": ("--mixed-precision", "fp16"), "--dense": ("--no-sparse",)}
+
+PRESETS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "presets"
+
+# The values of settings typed ``str`` whose module keeps them in a tuple or a registry (the
+# launcher's own settings are Literal types). Model names are matched by the model registry.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": tuple(list_datasets()), "data.loader": LOADERS, "data.decode_device": DECODE_DEVICES,
+    "sparsity.method": tuple(METHODS), "sparsity.sparse_init": tuple(DENSITY_RULES),
+    "sparsity.death": tuple(PRUNE_FNS), "sparsity.growth": tuple(GROW_FNS),
+    "sparsity.redistribution": REDISTRIBUTIONS, "sparsity.decay_schedule": DECAY_SCHEDULES,
+    "sparsity.apply_mode": APPLY_MODES, "preset": tuple(sorted(p.stem for p in PRESETS.glob("*.yaml"))),
+}
 
 
-def _tuple_of(kind):
-    return lambda text: tuple(kind(t) for t in text.replace(",", " ").split())
+def choices(key: str, hint=None) -> tuple[str, ...]:
+    """The values setting ``key`` (dotted) takes, matched ignoring case: its Literal type's, or
+    :data:`CHOICES`; () for a free value."""
+    base = _base(hint)
+    if typing.get_origin(base) is Literal:
+        return typing.get_args(base)
+    return CHOICES.get(key, ())
 
 
-# (flags, config path, type or a constant for store_const flags, help)
-FLAGS: list[tuple[tuple[str, ...], str, typing.Any, str]] = [
-    (("--model", "--arch", "-a"), "model.name", str, "model name (itop-inspect --help lists datasets)"),
-    (("-c", "--init"), "model.init", str, "ImageNet ResNet-50 init: fanin or classic"),
-    (("--channels-last",), "model.channels_last", _bool, "true/false (default: on CUDA conv nets)"),
-    (("--initial-checkpoint",), "model.initial_checkpoint", str,
-     "start from these weights: model.safetensors, an itop-export or checkpoint folder"),
-    (("--data",), "data.name", str, "digits, mnist, cifar10, cifar100, synthetic"),
-    (("--data-dir", "--datadir"), "data.data_dir", str, "dataset root (torchvision format)"),
-    (("--download",), "data.download", True, "let torchvision download the dataset"),
-    (("--batch-size", "-b"), "data.batch_size", int, "batch size PER PROCESS"),
-    (("--test-batch-size",), "data.test_batch_size", int, "evaluation batch size per process"),
-    (("--num-workers", "-j", "--workers"), "data.num_workers", int, "loader worker processes"),
-    (("--valid-split",), "data.valid_split", float, "fraction of the training set for validation"),
-    (("--no-augment",), "data.augment", False, "no training augmentation"),
-    (("--loader",), "data.loader", str, "ImageNet loader: auto, dali or torchvision"),
-    (("--image-size",), "data.image_size", int, "ImageNet crop size (224)"),
-    (("--decode-device",), "data.decode_device", str, "ImageNet JPEG decoding: auto, cpu or gpu"),
-    (("--fp16-output",), "data.fp16_output", True, "ImageNet batches in fp16"),
-    (("--loader-channels-last",), "data.channels_last", _bool, "ImageNet batches in channels_last (HWC) memory"),
-    (("--check-data",), "data.check_data", True, "read every training file's header before training"),
-    (("--synthetic-shape",), "data.synthetic_shape", _tuple_of(int), "synthetic data: input shape, e.g. 3,32,32"),
-    (("--synthetic-classes",), "data.synthetic_classes", int, "synthetic data: number of classes"),
-    (("--synthetic-size",), "data.synthetic_size", int, "synthetic data: training samples"),
-    (("--sparse",), "sparse", True, "train a sparse network (dense without it)"),
-    (("--dense",), "sparse", False, "train the dense model; sparse flags given beside it are ignored"),
-    (("--method",), "sparsity.method", str,
-     "DST (SET/RigL by --growth), static, GraNet, GraNet_uniform, GMP, GMP_uniform"),
-    (("--fix",), "sparsity.method", "static", "static sparse training: never update masks"),
-    (("--density", "--init-density"), "sparsity.density", float,
-     "fraction of non-zero weights (at the start, for gradual pruning)"),
-    (("--final-density",), "sparsity.final_density", float, "where GraNet/GMP pruning ends"),
-    (("--init-prune-epoch",), "sparsity.init_prune_epoch", float, "gradual pruning starts"),
-    (("--final-prune-epoch",), "sparsity.final_prune_epoch", float, "gradual pruning ends"),
-    (("--sparse-init",), "sparsity.sparse_init", str, "ERK, ER, uniform, er_itop"),
-    (("--erk-power-scale",), "sparsity.erk_power_scale", float, "ERK exponent"),
-    (("--exact-init",), "sparsity.exact_init", _bool,
-     "true: exactly round(d_l N_l) weights per layer; false: a Bernoulli draw as the papers' code"),
-    (("--exclude",), "sparsity.exclude", _tuple_of(str),
-     "parameter names (substrings, comma-separated) that stay dense, e.g. conv1.weight"),
-    (("--death", "--prune"), "sparsity.death", str, "magnitude, SET, threshold, magnitude_threshold"),
-    (("--death-rate", "--prune-rate"), "sparsity.death_rate", float, "initial prune fraction"),
-    (("--death-rate-min",), "sparsity.death_rate_min", float, "where the death-rate decay ends"),
-    (("--threshold",), "sparsity.threshold", float, "|W| below which --death threshold prunes"),
-    (("--decay-schedule",), "sparsity.decay_schedule", str, "cosine, constant, linear"),
-    (("--mask-momentum",), "sparsity.mask_momentum", _bool,
-     "zero the momentum of inactive weights every step (default: off for --growth momentum)"),
-    (("--mask-apply",), "sparsity.apply_mode", str, "how masks multiply in: auto, float or bool"),
-    (("--growth",), "sparsity.growth", str, "random (SET), gradient (RigL), momentum"),
-    (("--redistribution",), "sparsity.redistribution", str, "none, magnitude, nonzeros"),
-    (("--update-frequency",), "sparsity.update_frequency", int, "steps between mask updates"),
-    (("--update-stop",), "sparsity.update_stop", float, "fraction of training after which masks freeze"),
-    (("--regrow-reinit-zero",), "sparsity.regrow_reinit_zero", True, "regrown weights start at 0"),
-    (("--lr",), "optim.lr", float, "learning rate"),
-    (("--momentum",), "optim.momentum", float, "SGD momentum"),
-    (("--nesterov",), "optim.nesterov", _bool, "true/false"),
-    (("--l2", "--weight-decay", "--wd"), "optim.weight_decay", float, "weight decay"),
-    (("--optimizer",), "optim.name", str, "sgd or adam"),
-    (("--label-smoothing",), "optim.label_smoothing", float, "label smoothing epsilon"),
-    (("--bn-weight-decay",), "optim.bn_weight_decay", _bool, "weight decay on BN parameters (true/false)"),
-    (("--grad-accum-steps", "--gradient-accumulation-steps"), "optim.accumulate", int,
-     "micro-batches per optimizer step"),
-    (("--epochs",), "schedule.epochs", float, "epochs (before --multiplier)"),
-    (("--multiplier",), "schedule.multiplier", float, "extended training: epochs x multiplier"),
-    (("--lr-schedule",), "schedule.lr_schedule", str, "multistep, cosine, constant"),
-    (("--milestones",), "schedule.milestones", _tuple_of(float), "multistep milestones as fractions"),
-    (("--gamma",), "schedule.gamma", float, "multistep: LR factor at each milestone (0.1)"),
-    (("--warmup",), "schedule.warmup_epochs", int, "warm-up epochs"),
-    (("--milestone-epochs",), "schedule.milestone_epochs", _tuple_of(int), "multistep decays at these epochs"),
-    (("--max-steps",), "schedule.max_steps", int, "stop after N optimizer steps"),
-    (("--eval-every",), "schedule.eval_every", int, "also evaluate every N steps"),
-    (("--decay-frequency",), "schedule.decay_frequency", int, "accepted; unused (as in the papers)"),
-    (("--save-every",), "checkpoint.every_steps", int, "also checkpoint every N steps"),
-    (("--keep-last",), "checkpoint.keep_last", int, "checkpoints kept (plus the best)"),
-    (("--resume",), "checkpoint.resume", str, "auto, or a checkpoint folder"),
-    (("--output-dir", "--save-dir"), "log.output_dir", str, "the run folder"),
-    (("--log-interval", "--log-every", "-p", "--print-freq"), "log.log_every", int, "steps between train logs"),
-    (("--no-progress",), "log.progress", False, "no progress bar"),
-    (("--no-wandb",), "log.wandb", False, "do not log to Weights & Biases"),
-    (("--wandb-project",), "log.wandb_project", str, "W&B project name"),
-    (("--wandb-mode",), "log.wandb_mode", str, "auto (online if logged in), online, offline"),
-    (("--no-plots",), "log.plots", False, "no PNG plots at the end of the run"),
-    (("--seed",), "seed", int, "random seed (the same on every rank)"),
-    (("--pre_train", "--cyclic_train"), "tickets.enabled", True, "Sup-tickets: pre-train, then cycles"),
-    (("--cycle",), "tickets.cycle", int, "epochs per Sup-tickets cycle"),
-    (("--cycle_rate",), "tickets.cycle_rate", float, "fraction of epochs in the cyclic phase"),
-    (("--cyclic_epochs",), "tickets.cyclic_epochs", int, "epochs of the cyclic phase (ImageNet)"),
-    (("--pretrain_epoch",), "tickets.pretrain_epochs", int, "epochs before the cyclic phase (ImageNet)"),
-    (("--cyc_lr",), "tickets.cyc_lr", True, "triangular LR in each cycle"),
-    (("--lr_1",), "tickets.lr_1", float, "cyclic LR at the ends of a cycle"),
-    (("--lr_2",), "tickets.lr_2", float, "cyclic LR in the middle of a cycle"),
-    (("--re_explore",), "tickets.re_explore", True, "prune and regrow at the start of each cycle"),
-    (("--large-death-rate",), "tickets.large_death_rate", float, "rate of the re-explore update"),
-    (("--no_maskupdates",), "tickets.no_mask_updates", True, "no mask updates in the cyclic phase"),
-    (("--update_bn", "--bn_update"), "tickets.update_bn", True, "recalibrate BN of superposed models"),
-    (("--superposing_method",), "tickets.superposing", str, "CAA or CIMA"),
-    (("--CIMA_factor",), "tickets.cima_factor", float, "CIMA's superposition factor"),
-    (("--indicate_method",), "tickets.label", str, "a label for the run (Sup-tickets' scripts)"),
-    (("--mixed-precision",), "mixed_precision", str,
-     "launcher (accelerate launch's choice, else no), no, bf16, fp16, auto"),
-    (("--fp16",), "mixed_precision", "fp16", "same as --mixed-precision fp16"),
-    (("--device",), "device", str, "auto, cpu or cuda"),
-    (("--dist-timeout",), "dist_timeout", float, "minutes a collective waits for the other ranks (10)"),
-    (("--sharding",), "sharding", str, "ddp (replicated) or fsdp (FSDP2, sharded)"),
-]
+@dataclass(frozen=True)
+class Flag:
+    """One setting on the command line. path: its dotted config key (``config`` for --config);
+    names: the flag, then its aliases; hint: the field's type; switch: a bool without a value
+    (``--download`` sets it, ``--no-download`` clears it)."""
+
+    path: str
+    names: tuple[str, ...]
+    hint: typing.Any
+    switch: bool
+
+    @property
+    def flag(self) -> str:
+        """The spelling tyro parses: the flag with dashes."""
+        return "--" + self.names[0][2:].replace("_", "-")
+
+    def tokens(self, value) -> list[str]:
+        if self.switch:
+            return [self.flag if value else f"--no-{self.flag[2:]}"]
+        return [self.flag, value]
+
+
+def _leaves(cls, prefix: str = ""):
+    """(dotted path, type) of every setting of config dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, hints[f.name]
+
+
+@functools.cache
+def cli_flags() -> dict[str, Flag]:
+    """Every flag by the dotted path it sets: ``--<field>`` unless :data:`FLAG_NAMES` names it,
+    plus ``--config``."""
+    flags = {"config": Flag("config", ("--config",), str | None, False)}
+    for path, hint in _leaves(TrainConfig):
+        names = FLAG_NAMES.get(path, (f"--{path.rsplit('.', 1)[-1]}",))
+        if names:
+            flags[path] = Flag(path, names, hint, hint is bool and path not in TRUE_FALSE)
+    return flags
 
 
 def _spellings(flag: str) -> list[str]:
@@ -525,18 +543,210 @@ def _spellings(flag: str) -> list[str]:
     return sorted({f"--{body}", f"--{body.replace('-', '_')}", f"--{body.replace('_', '-')}"})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="itop-train", argument_default=argparse.SUPPRESS,
-        description="Train a sparse (or dense) network: itop_dist's one training path.")
-    parser.add_argument("--config", help="YAML or TOML file with the config tree")
-    for flags, path, kind, help_text in FLAGS:
-        names = [s for f in flags for s in _spellings(f)]
-        if callable(kind) and not isinstance(kind, bool):
-            parser.add_argument(*names, dest=path, type=kind, help=help_text)
+@functools.cache
+def accepted_flags() -> dict[str, tuple[Flag, bool | None]]:
+    """Every spelling itop-train accepts -> (its flag, the value a switch spelling sets; None for
+    a flag followed by its value). Raises AssertionError if two flags share a spelling."""
+    out: dict[str, tuple[Flag, bool | None]] = {}
+    for flag in cli_flags().values():
+        for name in flag.names:
+            spelled = [(s, True if flag.switch else None) for s in _spellings(name)]
+            if flag.switch:
+                spelled += [(s, False) for s in _spellings(f"--no-{name[2:]}")]
+            for spelling, value in spelled:
+                assert out.get(spelling, (flag,))[0] is flag, f"{spelling} names two settings"
+                out[spelling] = (flag, value)
+    return out
+
+
+def papers_spellings(argv: list[str]) -> list[tuple[Flag, str | bool, str]]:
+    """The command line as (flag, value, as written) in order, every spelling resolved to its
+    flag. The papers' command lines need more than a spelling: ``--first_m A --second_m B
+    --third_m C`` -> ``--milestone-epochs A,B,C``; the launcher's own flags dropped; a bare path
+    is ``--data-dir`` (the papers pass the data folder as a positional argument); ``--arch``/``-a``
+    is the ImageNet scripts' ``--model``, so without ``--data`` (or ``--preset``) it means
+    ``--preset imagenet`` (configs/presets/imagenet.yaml: their main.py's defaults,
+    docs/algorithms.md §6.6); Sup-tickets ImageNet's ``--density`` beside ``--init-density`` is
+    the density of the superposed model, which must be ``--final-density``.
+
+    Raises ConfigError for an unknown flag (naming the nearest known one), a flag without its
+    value, or a second argument without a flag."""
+    accepted, flags = accepted_flags(), cli_flags()
+    args = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--") else [arg])]
+    pairs: list[tuple[Flag, str | bool, str]] = []
+    marks, positional, arch, i = {}, None, False, 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--first_m", "--second_m", "--third_m") and i + 1 < len(args):
+            marks[arg] = args[i + 1]
+            i += 2
+        elif arg in LAUNCHER_ONLY:
+            i += 2
+        elif arg in SHORTHANDS:
+            args[i:i + 1] = SHORTHANDS[arg]
+        elif len(arg) > 2 and arg[1] != "-" and accepted.get(arg[:2], (None, True))[1] is None:
+            args[i:i + 1] = [arg[:2], arg[2:]]  # a short flag with its value attached: -j20
+        elif arg in accepted or arg in ("--arch", "-a"):
+            arch |= arg in ("--arch", "-a")
+            flag, value = accepted["--model" if arg in ("--arch", "-a") else arg]
+            if value is None:
+                if i + 1 == len(args):
+                    raise ConfigError(f"{arg}: expected a value ({_metavar(flag)})")
+                value, i = args[i + 1], i + 1
+            pairs.append((flag, value, arg))
+            i += 1
+        elif arg.startswith("-") and not _is_number(arg):
+            near = difflib.get_close_matches(arg.replace("_", "-"), [s for s in accepted if "_" not in s], n=1)
+            raise ConfigError(f"{arg}: no such flag" + (f"; did you mean {near[0]}?" if near else "")
+                              + " (itop-train --help lists them)")
+        elif positional is None:
+            positional, i = arg, i + 1
         else:
-            parser.add_argument(*names, dest=path, action="store_const", const=kind, help=help_text)
-    return parser
+            raise ConfigError(f"unrecognized argument {arg!r}: the data folder {positional!r} is the only "
+                              f"argument without a flag")
+    given = {flag.path for flag, _, _ in pairs}
+    if marks:
+        pairs.append((flags["schedule.milestone_epochs"],
+                      ",".join(marks[k] for k in ("--first_m", "--second_m", "--third_m") if k in marks), "--first_m"))
+    if positional is not None and "data.data_dir" not in given:
+        pairs.append((flags["data.data_dir"], positional, "DATA_DIR"))
+    if arch and not {"data.name", "preset"} & given:
+        pairs.append((flags["preset"], "imagenet", "--arch"))
+    written = [w.replace("_", "-") for _, _, w in pairs]
+    if "--init-density" in written and "--density" in written:
+        density = pairs[written.index("--density")][1]
+        final = [v for f, v, _ in pairs if f.path == "sparsity.final_density"]
+        if not final or float(final[-1]) != float(density):
+            raise ConfigError(f"--density {density} beside --init-density is the superposed model's "
+                              f"density and must equal --final-density ({final[-1] if final else None})")
+        del pairs[written.index("--density")]
+    return pairs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _metavar(flag: Flag) -> str:
+    base = _base(flag.hint)
+    options = choices(flag.path, base)
+    if options:
+        return "{" + ",".join(options) + "}"
+    if typing.get_origin(base) is tuple:
+        return _metavar(dataclasses.replace(flag, hint=typing.get_args(base)[0])) + ",..."
+    return {bool: "{true,false}", int: "INT", float: "FLOAT"}.get(base, "STR")
+
+
+def _shown_default(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+# tyro builds the parser from the dataclasses through this rule: each field gets its flag's
+# name, without its section's prefix; a value is kept as its text (converted and checked by
+# _from_text, so that a bad one is one line naming the flag); a section is built as a dict.
+_TYRO = ConstructorRegistry()
+_SECTIONS = {TrainConfig: "", **{typing.get_type_hints(TrainConfig)[f.name]: f"{f.name}."
+                                 for f in dataclasses.fields(TrainConfig)
+                                 if dataclasses.is_dataclass(typing.get_type_hints(TrainConfig)[f.name])}}
+_BUILDING: set[type] = set()
+
+
+@_TYRO.struct_rule
+def _section_rule(info):
+    if info.type not in _SECTIONS or info.type in _BUILDING:
+        return None
+    _BUILDING.add(info.type)
+    try:  # tyro's own dataclass rule: defaults and the fields' comments as help
+        spec = ConstructorRegistry.get_struct_spec(info)
+    finally:
+        _BUILDING.discard(info.type)
+    flags, fields = cli_flags(), []
+    extra = [StructFieldSpec("config", str | None, None, "YAML or TOML file with the config tree; flags "
+                             "after it override it")] if info.type is TrainConfig else []
+    for f in (*extra, *spec.fields):
+        flag = flags.get(_SECTIONS[info.type] + f.name)
+        if flag is None:  # a section, or a setting another flag sets (sparsity.seed: --seed)
+            fields.append(f if dataclasses.is_dataclass(f.type) else
+                          dataclasses.replace(f, type=Annotated[f.type, tyro.conf.Suppress]))
+            continue
+        helptext = f.helptext() if callable(f.helptext) else f.helptext
+        aliases = f"(also {', '.join(flag.names[1:])})" if flag.names[1:] else ""
+        helptext = " ".join(filter(None, [helptext, aliases]))
+        marks = [tyro.conf.arg(name=flag.flag[2:], help=helptext or None, prefix_name=False)]
+        if not flag.switch:  # (a bool that takes a value is no flag: FlagConversionOff)
+            marks.insert(0, tyro.conf.FlagConversionOff)
+            marks.insert(0, PrimitiveConstructorSpec(
+                nargs=1, metavar=_metavar(flag), instance_from_str=lambda args: args[0],
+                is_instance=lambda value: True, str_from_instance=lambda value: [_shown_default(value)]))
+        fields.append(dataclasses.replace(f, type=Annotated[(f.type, *marks)]))
+    return StructConstructorSpec(instantiate=lambda **kwargs: kwargs, fields=tuple(fields))
+
+
+def _parse_flags(pairs: list[tuple[Flag, str | bool, str]]) -> dict[str, typing.Any]:
+    """{dotted path: value} of the flags given, parsed by tyro (the last of a repeated flag
+    wins) and converted to their fields' types; ConfigError naming the flag for a bad value."""
+    tree = _tyro_cli([token for flag, value, _ in pairs for token in flag.tokens(value)])
+    given = {}
+    for flag, _, _ in pairs:
+        node = tree
+        for key in flag.path.split("."):
+            node = node[key]
+        given[flag.path] = node if flag.switch else _from_text(flag, node)
+    return given
+
+
+def _tyro_cli(args: list[str]) -> dict:
+    return tyro.cli(TrainConfig, args=args, prog="itop-train", registry=_TYRO, description=(
+        "Train a sparse (or dense) network: itop_dist's one training path. Each setting comes from "
+        "its flag, else the --config file, else the --preset, else its default. Flags take dashes or "
+        "underscores (--update-frequency = --update_frequency); choices match in any case."))
+
+
+def _from_text(flag: Flag, text: str):
+    """A flag's text as its field's type: lists comma- (or space-) separated, bools true/false."""
+    base = _base(flag.hint)
+    if typing.get_origin(base) is tuple:
+        kind = typing.get_args(base)[0]
+        return tuple(_scalar(kind, t, flag) for t in text.replace(",", " ").split())
+    return _scalar(base, text, flag)
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _scalar(kind, text: str, flag: Flag):
+    try:
+        if kind is bool:
+            return _BOOLS[text.lower()]
+        if kind in (int, float):
+            return kind(text)
+    except (KeyError, ValueError):
+        raise ConfigError(f"{flag.names[0]}: must be {_expected(kind)}, got {text!r}") from None
+    return text
+
+
+def load_preset(name: str) -> dict:
+    """configs/presets/<name>.yaml as a nested dict; ConfigError naming the presets there."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--preset: {name!r} is unknown; choose one of {', '.join(CHOICES['preset'])}")
+    return load_file(str(path))
+
+
+def _merged(low: dict, high: dict) -> dict:
+    """``high`` over ``low``, section by section."""
+    out = dict(low)
+    for key, value in high.items():
+        out[key] = _merged(low[key], value) if isinstance(value, dict) and isinstance(low.get(key), dict) else value
+    return out
 
 
 class ConfigError(ValueError):
@@ -558,61 +768,23 @@ def print_error(prog: str, message: str) -> int:
 LAUNCHER_ONLY = ("--master_port", "--master-port", "--local_rank", "--local-rank")
 
 
-def papers_spellings(argv: list[str]) -> list[str]:
-    """The seed commands' spellings that are not one flag each, rewritten:
-    ``--first_m A --second_m B --third_m C`` -> ``--milestone-epochs A,B,C``; the launcher's own
-    flags dropped; Sup-tickets ImageNet's ``--density`` beside ``--init-density`` is the
-    density of the superposed model, which must be ``--final-density``; a bare path is
-    ``--data-dir`` (the papers pass the data folder as a positional argument); ``--arch`` is
-    the ImageNet scripts' flag, so without ``--data`` it means ``--data imagenet``."""
-    out, marks, i = [], {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--first_m", "--second_m", "--third_m") and i + 1 < len(argv):
-            marks[arg] = argv[i + 1]
-            i += 2
-            continue
-        if arg in LAUNCHER_ONLY:
-            i += 2
-            continue
-        out.append(arg)
-        i += 1
-    if marks:
-        out += ["--milestone-epochs", ",".join(marks[k] for k in ("--first_m", "--second_m", "--third_m") if k in marks)]
-    flags = [a.replace("_", "-") for a in out]
-    if ("--arch" in flags or "-a" in flags) and "--data" not in flags:
-        # ImageNet main.py's defaults (docs/algorithms.md §6.6), before the command's own flags.
-        out = ["--data", "imagenet", "--nesterov", "false", "--l2", "0.0001",
-               "--bn-weight-decay", "false", "--mixed-precision", "auto"] + out
-        flags = [a.replace("_", "-") for a in out]
-    if "--init-density" in flags and "--density" in flags:
-        i = flags.index("--density")
-        density = out[i + 1]
-        final = out[flags.index("--final-density") + 1] if "--final-density" in flags else None
-        if final is None or float(final) != float(density):
-            raise ConfigError(f"--density {density} beside --init-density is the superposed model's "
-                              f"density and must equal --final-density ({final})")
-        del out[i:i + 2]
-    return out
-
-
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """defaults < --config file < command-line flags; raises ConfigError on bad input."""
-    parser = build_parser()
-    parser.add_argument("data_dir_positional", nargs="?", help="the data folder (as the papers pass it)")
-    parser.error = lambda message: (_ for _ in ()).throw(ConfigError(message))  # no SystemExit
-    given = vars(parser.parse_args(papers_spellings(sys.argv[1:] if argv is None else list(argv))))
-    if "data_dir_positional" in given:
-        given.setdefault("data.data_dir", given.pop("data_dir_positional"))
-        given.pop("data_dir_positional", None)
+    """defaults < --preset < --config file < command-line flags; raises ConfigError on bad input.
+    ``-h``/``--help`` prints every flag, grouped by section, and exits with status 0."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        _tyro_cli(["--help"])  # prints, then SystemExit(0)
+    given = _parse_flags(papers_spellings(argv))
     file = given.pop("config", None)
     tree = load_file(file) if file else {}
-    file_tree = tree if isinstance(tree, dict) else {}
     if file:  # the file's own types first, so that its errors name the file and the key
         _named(lambda: from_dict(TrainConfig, tree), given, file, types_only=True)
-    sparse_in_file = "sparse" in file_tree
-    section = file_tree["sparsity"] if isinstance(file_tree.get("sparsity"), dict) else {}
+    sparse_in_file = "sparse" in tree
+    section = tree["sparsity"] if isinstance(tree.get("sparsity"), dict) else {}
     file_mask_seed, file_sparsity = section.get("seed"), list(section)  # before the flags fill it
+    preset = given.get("preset", tree.get("preset"))
+    if preset is not None:
+        tree = _merged(load_preset(_canonical_choice(preset, CHOICES["preset"])), tree)
     for path, value in given.items():
         set_path(tree, path, value)
     cfg = _named(lambda: from_dict(TrainConfig, tree), given, file)
@@ -625,16 +797,20 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
+def _flag_of(path: str) -> str:
+    flag = cli_flags().get(path)
+    return flag.names[0] if flag else path
+
+
 def _named(build, given: dict, file: str | None, types_only: bool = False):
     """Run ``build``; a BadValue names the flag it came from, or the file and key; any other
     ValueError/TypeError of the configuration becomes a ConfigError (one line)."""
     try:
         return build()
     except BadValue as err:
-        flags = {path: flags[0] for flags, path, _, _ in FLAGS}
         root = err.key.split("[")[0]
         if root in given:
-            raise ConfigError(f"{flags.get(root, root)}: {err.why}") from None
+            raise ConfigError(f"{_flag_of(root)}: {err.why}") from None
         raise ConfigError(f"--config {file}: {err.key} {err.why}" if file else str(err)) from None
     except (ValueError, TypeError) as err:
         if types_only:
@@ -648,8 +824,7 @@ def _refuse_ignored_sparse_flags(given: dict, sparse_in_file: bool, file_sparsit
     papers' dense commands pass their sparse flags too)."""
     if "sparse" in given or sparse_in_file:
         return
-    flags = {path: flags[0] for flags, path, _, _ in FLAGS}
-    ignored = [flags.get(p, p) for p in given if p.startswith("sparsity.")]
+    ignored = [_flag_of(p) for p in given if p.startswith("sparsity.")]
     ignored += [f"sparsity.{k} (config file)" for k in file_sparsity]
     if ignored:
         raise ConfigError(f"{', '.join(dict.fromkeys(ignored))} given without --sparse would train the "

@@ -110,24 +110,25 @@ def test_every_setting_has_a_flag_and_every_flag_a_message_names_exists():
     import re
     import tokenize
 
-    from launcher.config import FLAGS, TrainConfig, build_parser
+    from launcher.config import LAUNCHER_ONLY, SHORTHANDS, TrainConfig, accepted_flags, cli_flags
 
-    assert set(_settings(TrainConfig)) - {path for _, path, _, _ in FLAGS} == {"sparsity.seed"}  # = --seed
-    accepted = {o for a in build_parser()._actions for o in a.option_strings} | OTHER_TOOLS_FLAGS
+    assert set(_settings(TrainConfig)) - set(cli_flags()) == {"sparsity.seed"}  # = --seed
+    accepted = set(accepted_flags()) | set(SHORTHANDS) | set(LAUNCHER_ONLY) | OTHER_TOOLS_FLAGS | {"--help"}
     files = [f for entry in TRAINING_PATH for f in ([REPO / entry] if entry.endswith(".py")
                                                     else sorted((REPO / entry).rglob("*.py")))]
     named = {}
     for path in files:
         for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
             if tok.type == tokenize.STRING:
-                for flag in re.findall(r"(?<![\w-])--[a-zA-Z][\w-]*[a-zA-Z0-9]", tok.string):
+                # (a flag followed by an f-string field is a template: f"--no-{name}")
+                for flag in re.findall(r"(?<![\w-])--[a-zA-Z][\w-]*[a-zA-Z0-9](?![\w{-])", tok.string):
                     named.setdefault(flag, f"{path.relative_to(REPO)}:{tok.start[0]}")
     unknown = {flag: where for flag, where in named.items() if flag not in accepted}
     for flag in list(unknown):  # the papers' spellings translated before parsing (--first_m ...)
         try:
             parse_config([flag, "1"])
         except ConfigError as err:
-            if "unrecognized arguments" in str(err):
+            if "no such flag" in str(err):
                 continue
         del unknown[flag]
     assert not unknown, unknown
@@ -148,6 +149,82 @@ def test_underscore_and_dash_spellings_are_one_flag():
     assert a == b and a.sparsity.update_frequency == 7
 
 
+def test_help_lists_every_section_with_defaults_choices_and_aliases(capsys):
+    from launcher.train import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--sparse", "--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code in (0, None)
+    for section in ("model", "data", "sparsity", "optim", "schedule", "checkpoint", "log", "tickets"):
+        assert f"{section} options" in out, section
+    assert "--growth {random,gradient,momentum}" in out and "--optimizer {sgd,adam}" in out
+    assert "--preset {imagenet}" in out and "(also --l2, --wd)" in out and "(default: 0.0005)" in out
+
+
+@pytest.mark.parametrize("args,line", [
+    ("--densty 0.1", "--densty: no such flag; did you mean --density?"),
+    ("--sparse --update_frequncy 7", "--update_frequncy: no such flag; did you mean --update-frequency?"),
+    ("--lr", "--lr: expected a value (FLOAT)"),
+    ("--nesterov maybe", "--nesterov: must be true or false, got 'maybe'"),
+    ("--epochs ten", "--epochs: must be a number, got 'ten'"),
+])
+def test_a_typo_or_bad_value_is_one_line_with_the_fix(capsys, args, line):
+    from launcher.train import main
+
+    assert main(shlex.split(args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"itop-train: error: {line}"), err
+
+
+def test_choices_match_in_any_case(tmp_path):
+    cfg = parse_config(shlex.split("--sparse --growth Gradient --method granet --optimizer ADAM --data CIFAR10 "
+                                   "--model vgg-c --init-density 0.5 --final-density 0.1 --lr-schedule Cosine"))
+    assert (cfg.sparsity.growth, cfg.sparsity.method, cfg.optim.name) == ("gradient", "GraNet", "adam")
+    assert (cfg.data.name, cfg.schedule.lr_schedule) == ("cifar10", "cosine")
+    path = tmp_path / "c.yaml"
+    path.write_text("sparse: true\nsparsity: {death: set, sparse_init: erk}\ntickets: {superposing: cima}\n")
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.sparsity.death, cfg.sparsity.sparse_init, cfg.tickets.superposing) == ("SET", "ERK", "CIMA")
+
+
+ROUND_TRIP = ["cifar10_vgg-c_rigl_itop.yaml", "cifar10_vgg-c_dense.yaml", "cifar10_resnet50_granet_si0.5_d0.05.yaml",
+              "cifar100_resnet50_suptickets_granet.yaml", "imagenet_resnet50_suptickets_rigl.yaml",
+              "imagenet_resnet50_rigl_itop_d0.1_2x.yaml"]
+
+
+@pytest.mark.parametrize("recipe", ROUND_TRIP)
+def test_a_runs_saved_config_loads_back_as_the_same_config(recipe, tmp_path):
+    """config.yaml, as the trainer saves it, given back with --config: the same TrainConfig and
+    so the same run folder (flags over the recipe included: they are in the saved file)."""
+    from launcher.config import save_config
+
+    cfg = parse_config(["--config", str(REPO / "configs" / recipe), "--data-dir", "DATA", "--seed", "5",
+                        "--exclude", "conv1.weight", "--save-every", "7"])
+    again = parse_config(["--config", str(save_config(cfg, tmp_path))])
+    assert again == cfg and again.run_dir == cfg.run_dir
+    assert (again.seed, again.sparsity.exclude, again.checkpoint.every_steps) == (5, ("conv1.weight",), 7)
+
+
+def test_arch_selects_the_imagenet_preset_and_the_saved_config_records_it(tmp_path):
+    from launcher.config import save_config
+
+    cfg = parse_config(["--arch", "resnet50", "IMAGENET", "--lr", "0.4"])
+    assert (cfg.preset, cfg.data.name, cfg.data.data_dir, cfg.optim.lr) == ("imagenet", "imagenet", "IMAGENET", 0.4)
+    assert (cfg.optim.nesterov, cfg.optim.weight_decay, cfg.optim.bn_weight_decay, cfg.mixed_precision) == (
+        False, 1e-4, False, "auto")
+    saved = save_config(cfg, tmp_path)
+    assert "preset: imagenet" in saved.read_text() and parse_config(["--config", str(saved)]) == cfg
+    # The same values without the preset are the same run (the preset is where they came from).
+    spelled_out = parse_config(shlex.split("--model resnet50 --data imagenet --data-dir IMAGENET --lr 0.4 "
+                                           "--nesterov false --l2 1e-4 --bn-weight-decay false --mixed-precision auto"))
+    assert spelled_out.preset is None and spelled_out.run_dir == cfg.run_dir
+    # Flags lie over the preset; with --data, --arch is only the model.
+    assert parse_config(["--preset", "ImageNet", "--model", "resnet50", "--l2", "5e-4"]).optim.weight_decay == 5e-4
+    plain = parse_config(["--arch", "ResNet-18", "--data", "cifar10"])
+    assert plain.preset is None and plain.optim.nesterov and plain.model.name == "ResNet-18"
+
+
 def test_cli_overrides_config_file(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('seed = 3\nsparse = true\n[sparsity]\ndensity = 0.2\ngrowth = "gradient"\n')
@@ -161,7 +238,7 @@ def test_cli_overrides_config_file(tmp_path):
     ("--growth sideways", "--growth"), ("--method GraNetX", "--method"),
     ("--model lenet5 --data cifar10", "--data"), ("--data imagenet2", "--data"),
     ("--lr -1", "--lr"), ("--mixed-precision fp8", "--mixed-precision"),
-    ("--epochs x", "--epochs"), ("--no-such-flag 1", "--no-such-flag"),
+    ("--epochs x", "--epochs"), ("--no-such-flag 1", "--no-such-flag"), ("--preset imagenet2", "--preset"),
 ])
 def test_bad_settings_fail_with_the_flag_named(args, flag):
     with pytest.raises(ConfigError, match=flag.replace("-", r"\-") if flag.startswith("--") else flag):
