@@ -2,13 +2,15 @@
 
 Replicated training (``--sharding ddp``) is Accelerate's DDP wrapper, applied by
 ``accelerator.prepare``. Sharded training applies ``torch.distributed.fsdp.fully_shard`` here,
-in a fixed order as torchtitan does: every block (each child of an ``nn.Sequential`` or
-``nn.ModuleList`` that holds parameters, outermost only) first, then the root, which takes the rest (stem,
-classifier). Parameters, gradients and optimizer state are then sharded along dim 0 across all
-ranks; this works with NCCL on GPUs and with gloo on CPUs.
+in a fixed order as torchtitan does: every unit the model's family names
+(``models.model_fsdp_units``: a residual block, a conv with its batch norm) first, then the
+root, which takes the rest (stem, classifier). Parameters, gradients and optimizer state are
+then sharded along dim 0 across all ranks; this works with NCCL on GPUs and with gloo on CPUs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -18,29 +20,25 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules that get their own FSDP unit, in definition order: children of containers
-    that hold parameters, outermost only (a ResNet block, not its downsample inside it)."""
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Sequential, nn.ModuleList)):
-            continue
-        if any(name == b or name.startswith(b + ".") for b in found):
-            continue  # inside a block already chosen
-        for child_name, child in module.named_children():
-            if any(True for _ in child.parameters()):
-                found[f"{name}.{child_name}" if name else child_name] = child
-    return list(found.values())
+def apply_fsdp(model: nn.Module, mixed_precision: str,
+               units: Sequence[nn.Module | list[nn.Module]]) -> nn.Module:
+    """Shard ``model`` in place with FSDP2; bf16 compute with fp32 gradient reduction if asked.
 
-
-def apply_fsdp(model: nn.Module, mixed_precision: str) -> nn.Module:
-    """Shard ``model`` in place with FSDP2; bf16 compute with fp32 gradient reduction if asked."""
+    ``units``: submodules of ``model``, each sharded as one unit (a list: modules gathered and
+    freed together), in the order they run; the root takes every parameter no unit holds.
+    Raises ``ValueError`` for a unit that is not a submodule of ``model``.
+    """
+    inside = {id(m) for m in model.modules()}
+    for unit in units:
+        for module in unit if isinstance(unit, list) else [unit]:
+            if id(module) not in inside:
+                raise ValueError(f"FSDP unit {type(module).__name__} is not a submodule of the model")
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
         reduce_dtype=torch.float32 if mixed_precision == "bf16" else None,
     )
-    for block in blocks(model):
-        fully_shard(block, mp_policy=policy)
+    for unit in units:
+        fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
 

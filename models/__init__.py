@@ -3,18 +3,21 @@
 Models know nothing about masks, sparsity or distribution; ``itop_dist`` decides which layers
 are masked, ``data_pipelines`` what the data is (models import neither). Build one with
 ``create_model(name, dataset, num_classes=...)``: the dataset name picks the variant; see
-``list_models()``.
+``list_models()``. Each family names its blocks for sharded training (``model_fsdp_units``);
+``launcher/parallel.py`` shards them.
 """
 
 from __future__ import annotations
 
 # Importing the architecture modules registers their models.
 from . import alexnet, imagenet, mlp, resnet, vgg, wrn  # noqa: F401
-from .registry import create_model, list_models, model_datasets, register_model
+from .registry import FsdpUnits, create_model, list_models, model_datasets, model_fsdp_units, register_model
 
 __all__ = [
+    "FsdpUnits",
     "create_model",
     "list_models",
     "model_datasets",
+    "model_fsdp_units",
     "register_model",
 ]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .registry import register_model
+from .units import layer_units
 
 # (in, out, kernel, stride, padding): strides of 2 and no pooling take 32x32 to 1x1
 # (32 -> 13 -> 7 -> 4 -> 2 -> 1), so the first FC sees 256 features.
@@ -53,13 +54,13 @@ class AlexNet(nn.Module):
 _CIFAR = ("cifar10", "cifar100")
 
 
-@register_model("alexnet-s", datasets=_CIFAR)
+@register_model("alexnet-s", datasets=_CIFAR, fsdp_units=layer_units)
 def alexnet_s(num_classes: int) -> nn.Module:
     """AlexNet-s (small): hidden FCs of 1024."""
     return AlexNet(factor=1, num_classes=num_classes)
 
 
-@register_model("alexnet-b", datasets=_CIFAR)
+@register_model("alexnet-b", datasets=_CIFAR, fsdp_units=layer_units)
 def alexnet_b(num_classes: int) -> nn.Module:
     """AlexNet-b (big): hidden FCs of 2048."""
     return AlexNet(factor=2, num_classes=num_classes)

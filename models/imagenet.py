@@ -31,7 +31,14 @@ def init_convs(model: nn.Module, init: str) -> nn.Module:
     return model
 
 
-@register_model("resnet50", datasets=("imagenet",))
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP units: every residual block (its downsample inside it); the stem and ``fc`` stay
+    with the root."""
+    blocks = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)
+    return [m for m in model.modules() if isinstance(m, blocks)]
+
+
+@register_model("resnet50", datasets=("imagenet",), fsdp_units=fsdp_units)
 def resnet50(num_classes: int, init: str = "fanin") -> nn.Module:
     """torchvision ResNet-50 (stride on the 3x3 conv; torchvision parameter names).
 
@@ -43,7 +50,7 @@ def resnet50(num_classes: int, init: str = "fanin") -> nn.Module:
     return init_convs(model, init)
 
 
-@register_model("resnet18", datasets=("imagenet",))
+@register_model("resnet18", datasets=("imagenet",), fsdp_units=fsdp_units)
 def resnet18(num_classes: int, init: str = "fanin") -> nn.Module:
     """torchvision ResNet-18 (11.7M parameters): a small ImageNet model for tests and smoke runs,
     with the same ``init`` options as ``resnet50``. Input ``(B, 3, H, W)``, any H, W >= 32."""

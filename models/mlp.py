@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model
+from .units import layer_units
 
 
 class MLP(nn.Module):
@@ -56,31 +57,31 @@ class LeNet5Caffe(nn.Module):
         return self.fc4(x)
 
 
-@register_model("lenet5", datasets=("mnist",))
+@register_model("lenet5", datasets=("mnist",), fsdp_units=layer_units)
 def lenet5(num_classes: int) -> nn.Module:
     """Caffe LeNet-5 for MNIST (431,080 params at 10 classes)."""
     return LeNet5Caffe(num_classes)
 
 
-@register_model("lenet300-100", datasets=("mnist",))
+@register_model("lenet300-100", datasets=("mnist",), fsdp_units=layer_units)
 def lenet300_100(num_classes: int) -> nn.Module:
     """FC 784-300-100-c for MNIST (266,610 params at 10 classes)."""
     return MLP([28 * 28, 300, 100, num_classes])
 
 
-@register_model("MLPCIFAR10", datasets=("cifar10",))
+@register_model("MLPCIFAR10", datasets=("cifar10",), fsdp_units=layer_units)
 def mlp_cifar10(num_classes: int) -> nn.Module:
     """ITOP's FC 3072-1024-512-c for CIFAR-10 (3,676,682 params at 10 classes)."""
     return MLP([3 * 32 * 32, 1024, 512, num_classes])
 
 
-@register_model("digits-mlp", datasets=("digits",))
+@register_model("digits-mlp", datasets=("digits",), fsdp_units=layer_units)
 def digits_mlp(num_classes: int) -> nn.Module:
     """FC 64-256-256-c for scikit-learn's 8x8 digits: small enough to train on 2 CPU cores."""
     return MLP([8 * 8, 256, 256, num_classes])
 
 
-@register_model("digits-mlp-bn", datasets=("digits",))
+@register_model("digits-mlp-bn", datasets=("digits",), fsdp_units=layer_units)
 def digits_mlp_bn(num_classes: int) -> nn.Module:
     """digits-mlp with BatchNorm1d after each hidden layer (for BN-recalibration tests)."""
     return MLP([8 * 8, 256, 256, num_classes], batch_norm=True)

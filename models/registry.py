@@ -18,16 +18,21 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 __all__ = [
+    "FsdpUnits",
     "ModelFn",
     "create_model",
     "list_models",
     "model_datasets",
+    "model_fsdp_units",
     "register_model",
 ]
 
 
 ModelFn = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFn)
+# The model's FSDP units, each sharded on its own (a list: modules gathered together), in the
+# order they run; what no unit holds (stem, classifier) stays with the root. See launcher/parallel.py.
+FsdpUnits = Callable[[nn.Module], list[nn.Module | list[nn.Module]]]
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class _Entry:
     display_name: str
     datasets: tuple[str, ...]
     fn: ModelFn
+    fsdp_units: FsdpUnits
 
 
 # normalised name -> the variants registered under it (their dataset sets are disjoint).
@@ -47,8 +53,11 @@ def _normalise(name: str) -> str:
     return _IGNORED.sub("", name).lower()
 
 
-def register_model(name: str, datasets: tuple[str, ...] | list[str]) -> Callable[[F], F]:
-    """Decorator: register ``fn(num_classes, **kwargs) -> nn.Module`` as ``name`` for ``datasets``.
+def register_model(
+    name: str, datasets: tuple[str, ...] | list[str], *, fsdp_units: FsdpUnits
+) -> Callable[[F], F]:
+    """Decorator: register ``fn(num_classes, **kwargs) -> nn.Module`` as ``name`` for ``datasets``,
+    with ``fsdp_units(model)`` naming the blocks that sharded training shards one by one.
 
     Raises ``ValueError`` if a model with the same normalised name already fits one of
     ``datasets`` (the dataset would no longer pick a unique variant).
@@ -65,7 +74,7 @@ def register_model(name: str, datasets: tuple[str, ...] | list[str]) -> Callable
                 raise ValueError(
                     f"Model {name!r} clashes with {other.display_name!r} on datasets {sorted(clash)}"
                 )
-        variants.append(_Entry(name, resolved, fn))
+        variants.append(_Entry(name, resolved, fn, fsdp_units))
         return fn
 
     return decorator
@@ -83,6 +92,18 @@ def list_models() -> list[str]:
     return sorted({e.display_name for variants in _REGISTRY.values() for e in variants})
 
 
+def _variant(name: str, dataset: str) -> _Entry:
+    variants = _variants(name)
+    key = _normalise(dataset)
+    for entry in variants:
+        if key in entry.datasets:
+            return entry
+    raise ValueError(
+        f"Model {variants[0].display_name!r} does not fit dataset {key!r}; "
+        f"it fits: {', '.join(model_datasets(name))}"
+    )
+
+
 def model_datasets(name: str) -> tuple[str, ...]:
     """Datasets that ``name`` fits, across all its variants, sorted."""
     return tuple(sorted({d for e in _variants(name) for d in e.datasets}))
@@ -97,15 +118,11 @@ def create_model(name: str, dataset: str, *, num_classes: int, **kwargs: Any) ->
     ``(B, num_classes)``. Raises ``ValueError`` for an unknown model or one without a variant
     for ``dataset``.
     """
-    variants = _variants(name)
-    key = _normalise(dataset)
-    for entry in variants:
-        if key in entry.datasets:
-            break
-    else:
-        raise ValueError(
-            f"Model {variants[0].display_name!r} does not fit dataset {key!r}; "
-            f"it fits: {', '.join(model_datasets(name))}"
-        )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return entry.fn(num_classes, **kwargs)
+    return _variant(name, dataset).fn(num_classes, **kwargs)
+
+
+def model_fsdp_units(name: str, dataset: str) -> FsdpUnits:
+    """The FSDP units function of the variant of ``name`` for ``dataset`` (as ``create_model``
+    picks it): call it on a model ``create_model`` built. Raises ``ValueError`` as ``create_model``."""
+    return _variant(name, dataset).fsdp_units

@@ -131,35 +131,41 @@ class FrankleResNet(nn.Module):
         return self.fc(out.flatten(1))
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP units: every residual block (its shortcut inside it); the stem and the classifier
+    stay with the root."""
+    return [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+
+
 _CIFAR = ("cifar10", "cifar100")
 
 
-@register_model("ResNet-18", datasets=_CIFAR)
+@register_model("ResNet-18", datasets=_CIFAR, fsdp_units=fsdp_units)
 def resnet18_cifar(num_classes: int) -> nn.Module:
     """CIFAR ResNet-18, BasicBlocks [2, 2, 2, 2]."""
     return CifarResNet(BasicBlock, [2, 2, 2, 2], num_classes)
 
 
-@register_model("ResNet-34", datasets=_CIFAR)
+@register_model("ResNet-34", datasets=_CIFAR, fsdp_units=fsdp_units)
 def resnet34_cifar(num_classes: int) -> nn.Module:
     """CIFAR ResNet-34, BasicBlocks [3, 4, 6, 3]. (ITOP's main builds it with 100 classes for
     every dataset; pass ``num_classes=100`` to reproduce that.)"""
     return CifarResNet(BasicBlock, [3, 4, 6, 3], num_classes)
 
 
-@register_model("ResNet50", datasets=_CIFAR)
+@register_model("ResNet50", datasets=_CIFAR, fsdp_units=fsdp_units)
 def resnet50_cifar(num_classes: int) -> nn.Module:
     """GraNet/SUP CIFAR ResNet-50, Bottlenecks [3, 4, 6, 3]."""
     return CifarResNet(Bottleneck, [3, 4, 6, 3], num_classes)
 
 
-@register_model("cifar_resnet_20", datasets=_CIFAR)
+@register_model("cifar_resnet_20", datasets=_CIFAR, fsdp_units=fsdp_units)
 def cifar_resnet_20(num_classes: int) -> nn.Module:
     """OpenLTH ResNet-20 (3 blocks per segment)."""
     return FrankleResNet(20, num_classes)
 
 
-@register_model("cifar_resnet_32", datasets=_CIFAR)
+@register_model("cifar_resnet_32", datasets=_CIFAR, fsdp_units=fsdp_units)
 def cifar_resnet_32(num_classes: int) -> nn.Module:
     """OpenLTH ResNet-32 (5 blocks per segment)."""
     return FrankleResNet(32, num_classes)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .registry import register_model
+from .units import layer_units
 
 # A config entry: output channels of a 3x3 conv, (kernel size, output channels), or "M" (maxpool 2).
 LayerCfg = Union[int, tuple[int, int], str]
@@ -107,25 +108,25 @@ class GraNetVGG(nn.Module):
 _CIFAR = ("cifar10", "cifar100")
 
 
-@register_model("vgg-c", datasets=_CIFAR)
+@register_model("vgg-c", datasets=_CIFAR, fsdp_units=layer_units)
 def vgg_c(num_classes: int) -> nn.Module:
     """SNIP VGG-C: VGG-16 with 1x1 convs in the last three stages; flatten 512x2x2."""
     return SnipVGG(_VGG_C, flat_features=2048, hidden_fcs=2, num_classes=num_classes)
 
 
-@register_model("vgg-d", datasets=_CIFAR)
+@register_model("vgg-d", datasets=_CIFAR, fsdp_units=layer_units)
 def vgg_d(num_classes: int) -> nn.Module:
     """SNIP VGG-D: VGG-16 (13 3x3 convs), two hidden FCs of 512."""
     return SnipVGG(_VGG_D, flat_features=512, hidden_fcs=2, num_classes=num_classes)
 
 
-@register_model("vgg-like", datasets=_CIFAR)
+@register_model("vgg-like", datasets=_CIFAR, fsdp_units=layer_units)
 def vgg_like(num_classes: int) -> nn.Module:
     """SNIP VGG-like: VGG-D convs, one hidden FC of 512."""
     return SnipVGG(_VGG_D, flat_features=512, hidden_fcs=1, num_classes=num_classes)
 
 
-@register_model("vgg19", datasets=_CIFAR)
+@register_model("vgg19", datasets=_CIFAR, fsdp_units=layer_units)
 def vgg19(num_classes: int) -> nn.Module:
     """GraNet/Sup-tickets VGG-19 with BN (20,035,018 params at 10 classes)."""
     return GraNetVGG(_VGG_19, num_classes)

@@ -97,13 +97,19 @@ class WideResNet(nn.Module):
         return self.fc(out.flatten(1))
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP units: every residual block; the stem conv, the final batch norm and ``fc`` stay
+    with the root."""
+    return [m for m in model.modules() if isinstance(m, WideBasicBlock)]
+
+
 _CIFAR = ("cifar10", "cifar100")
 
 
 def _register_wrn(depth: int, widen: int, drop_rate: float) -> None:
     """Register ``wrn-{depth}-{widen}``; ``drop_rate`` is the reference default for it."""
 
-    @register_model(f"wrn-{depth}-{widen}", datasets=_CIFAR)
+    @register_model(f"wrn-{depth}-{widen}", datasets=_CIFAR, fsdp_units=fsdp_units)
     def build(num_classes: int, drop_rate: float = drop_rate) -> nn.Module:
         return WideResNet(depth, widen, num_classes, drop_rate)
 
