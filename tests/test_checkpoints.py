@@ -492,6 +492,7 @@ def epoch_samples(world: int, batch: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("before,after", [
     # from one process; more processes and DDP -> FSDP; fewer and FSDP -> DDP
     (("ddp", 1), ("ddp", 2)), (("ddp", 2), ("fsdp", 3)), (("fsdp", 2), ("ddp", 1)),
@@ -529,6 +530,7 @@ def test_resume_with_another_world_size_or_mode_ends_at_the_requested_epoch(tmp_
         assert not ranks[0]["weights"][name][~m].any()
 
 
+@pytest.mark.slow
 def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys):
     from launcher.train import main
 

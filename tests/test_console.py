@@ -106,6 +106,7 @@ def rigl_run(tmp_path_factory):
     return out, stdout, stderr
 
 
+@pytest.mark.slow
 def test_header_names_run_device_precision_counts_steps_method(rigl_run):
     out, stdout, _ = rigl_run
     c = counts()
@@ -136,6 +137,7 @@ def test_header_names_run_device_precision_counts_steps_method(rigl_run):
         "method": "RigL-ITOP: DST, ERK init, density 0.05, magnitude death, gradient growth, update every 10 steps"}
 
 
+@pytest.mark.slow
 def test_log_lines_every_interval_and_no_carriage_returns_when_piped(rigl_run):
     out, stdout, stderr = rigl_run
     assert "\r" not in stdout and "\r" not in stderr  # the bar turned itself off: no terminal
@@ -147,6 +149,7 @@ def test_log_lines_every_interval_and_no_carriage_returns_when_piped(rigl_run):
         assert f"step {step}/22 epoch 0: loss {train[step]['train/loss']:.4f} " in stdout
 
 
+@pytest.mark.slow
 def test_itop_line_rounded_and_eval_line_names_only_test(rigl_run):
     out, stdout, _ = rigl_run
     updates = {r["step"]: r["itop/rate"] for r in read_metrics(out) if "mask/pruned" in r}
@@ -162,6 +165,7 @@ def test_itop_line_rounded_and_eval_line_names_only_test(rigl_run):
     assert "val acc" not in stdout
 
 
+@pytest.mark.slow
 def test_summary_is_the_wandb_run_summary_not_history(rigl_run):
     out, stdout, _ = rigl_run
     summary = read_metrics(out)[-1]
@@ -181,6 +185,7 @@ def test_summary_is_the_wandb_run_summary_not_history(rigl_run):
     assert f"  wandb sync {out.resolve()}/wandb/offline-run-*" in stdout
 
 
+@pytest.mark.slow
 def test_plots_carry_run_and_method(rigl_run):
     out, _, _ = rigl_run
     names = sorted(p.name for p in out.glob("*.png"))
@@ -189,6 +194,7 @@ def test_plots_carry_run_and_method(rigl_run):
         "rigl - RigL-ITOP: DST, ERK init, density 0.05, magnitude death, gradient growth, update every 10 steps")
 
 
+@pytest.mark.slow
 def test_gmp_with_validation_split_no_progress_on_a_terminal(tmp_path):
     """--no-progress with a terminal: no bar, the log lines still; a validation split names
     both accuracies; a dense-to-sparse run gets density.png."""
@@ -217,6 +223,7 @@ def test_gmp_with_validation_split_no_progress_on_a_terminal(tmp_path):
             assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 200
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_beside_the_log_lines(tmp_path):
     stdout, terminal = train(f"{TINY} --epochs 1 --max-steps 4 --log-interval 2 --no-wandb --no-plots",
                              tmp_path / "dense", tty_stderr=True)

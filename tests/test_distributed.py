@@ -19,7 +19,7 @@ WORKER = REPO / "tests" / "workers" / "dist_train.py"
 ARGS = ("--sparse --data digits --model digits-mlp --epochs 3 --batch-size 32 --lr 0.05 "
         "--lr-schedule constant --update_frequency 8 --density 0.1 --no-progress")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
 def free_port() -> int:

@@ -58,6 +58,7 @@ def fit(args: str, tmp_path, name="run"):
         trainer.close()
 
 
+@pytest.mark.slow
 def test_the_loop_fires_every_event_at_its_point(monkeypatch, tmp_path):
     recorder = Recorder()
     monkeypatch.setitem(PLUGINS, "recorder", lambda cfg, run: recorder)
@@ -74,6 +75,7 @@ def test_the_loop_fires_every_event_at_its_point(monkeypatch, tmp_path):
     assert summary["step"] == n
 
 
+@pytest.mark.slow
 def test_a_plugged_in_phase_changes_the_run_without_touching_the_loop(monkeypatch, tmp_path):
     monkeypatch.setitem(PLUGINS, "late_explore", lambda cfg, run: LateExplore(run.steps_per_epoch))
     trainer, _ = fit("--log-interval 2 --lr-schedule constant", tmp_path, "phase")
@@ -93,6 +95,7 @@ def test_a_plugged_in_phase_changes_the_run_without_touching_the_loop(monkeypatc
     assert plain_updates == [10, 20, 30, 40] and updates == [10, 20, 22, 30, 40]
 
 
+@pytest.mark.slow
 def test_a_plugins_state_is_checkpointed_and_resumed(monkeypatch, tmp_path):
     recorder = Recorder()
     monkeypatch.setitem(PLUGINS, "recorder", lambda cfg, run: recorder)

@@ -150,6 +150,7 @@ def test_export_loads_into_a_fresh_model_and_reproduces_the_accuracy(sparse_run,
         assert not state[name][~mask].any()
 
 
+@pytest.mark.dist
 def test_a_sharded_two_process_run_evaluates_to_its_final_accuracy(tmp_path):
     out = tmp_path / "fsdp"
     with socket.socket() as s:

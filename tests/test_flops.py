@@ -219,6 +219,12 @@ def test_resnet50_real_forward_matches(resnet50):
     assert layer_flops(model, torch.randn(1, 3, 224, 224)) == resnet50[0]
 
 
+@pytest.mark.gpu
+def test_resnet50_on_cuda_matches(resnet50):
+    model = models.create_model("resnet50", "imagenet", num_classes=1000).cuda()
+    assert layer_flops(model, torch.randn(2, 3, 224, 224, device="cuda")) == resnet50[0]
+
+
 def test_resnet50_dense(resnet50):
     flops, _ = resnet50
     f_dense = sum(flops.values())

@@ -37,6 +37,7 @@ def reference_density(c: int, c0: int, c1: int, d_i: float, d_f: float) -> float
     return 1 - sparsity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", GRADUAL)
 def test_density_follows_the_cubic_schedule_at_every_update(method):
     # Layer-wise pruning cannot lift a layer that ERK made sparser than the target: start the
@@ -121,6 +122,7 @@ GRADUAL_DIGITS = ("--sparse --data digits --model digits-mlp --final-density 0.0
                   "--growth gradient --epochs 100 --batch-size 64 --lr 0.05 --update_frequency 50 --no-wandb")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,init", [("GraNet", 0.5), ("GMP", 1.0)])
 def test_gradual_methods_on_digits_reach_final_density_near_dense_accuracy(tmp_path, method, init):
     from test_train import read_metrics, train

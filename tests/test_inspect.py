@@ -22,6 +22,7 @@ def test_console_script_is_installed():
     assert (BIN / "itop-inspect").exists(), "pip install -e . must install the itop-inspect script"
 
 
+@pytest.mark.slow
 def test_vgg_c_erk_json():
     out = run("--model", "vgg-c", "--density", "0.05", "--sparse-init", "ERK", "--json")
     assert out.returncode == 0, out.stderr
@@ -41,6 +42,7 @@ def test_vgg_c_erk_json():
     assert "growth" not in plan
 
 
+@pytest.mark.slow
 def test_resnet50_imagenet_table():
     out = run("--model", "resnet50", "--data", "imagenet", "--density", "0.2")
     assert out.returncode == 0, out.stderr
@@ -52,6 +54,7 @@ def test_resnet50_imagenet_table():
     assert any("3x224x224" in line and "0.414x dense" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_resnet50_imagenet_json_flops():
     """FLOPs per 224x224 image at ERK 0.2, docs/algorithms.md §8 [measured]: 8.18e9 dense, 0.414x."""
     out = run("--model", "resnet50", "--data", "imagenet", "--density", "0.2", "--json")
@@ -86,6 +89,7 @@ def test_train_rel_for_a_method(capsys, flags, growth, update_frequency, expecte
     assert line in table
 
 
+@pytest.mark.slow
 def test_bad_input_one_line_and_nonzero_exit():
     out = run("--model", "resnet51", "--density", "0.2")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1

@@ -17,7 +17,7 @@ SHIM = REPO / "tests" / "workers" / "rank_shim.py"
 ARGS = ("--sparse --data digits --model digits-mlp --epochs 1 --batch-size 32 --update_frequency 8 "
         "--density 0.1 --no-progress --no-wandb --no-plots")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
 def launch(out: pathlib.Path, rank1: dict[str, str], extra: str = "") -> subprocess.CompletedProcess:

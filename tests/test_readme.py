@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
@@ -29,6 +31,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert f"```bash\n{ci}\n```" in README
 
 
+@pytest.mark.slow
 def test_every_itop_train_command_in_the_readme_parses(monkeypatch):
     """Each one-line ``itop-train``/``launcher.train`` command of the README (the papers' spellings
     included) gives a configuration; ``...`` and ``<recipe>`` stand for more and are left out."""

@@ -106,6 +106,7 @@ def start_single(out: pathlib.Path, extra: str = "") -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_at_the_next_step_and_exits_0(tmp_path):
     proc = start_single(tmp_path)
     wait_for(lambda: trained_to(tmp_path) >= 3, proc, "training")
@@ -120,6 +121,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_exits_0(tmp_path):
     assert_one_checkpoint_by_every_rank(tmp_path, stop["step"], ranks=1)
 
 
+@pytest.mark.slow
 def test_a_stop_signal_during_setup_is_acted_on_at_the_first_step(tmp_path):
     """SIGTERM while the trainer is still being built (imports, data, model): no kill, no loss."""
     proc = start_single(tmp_path)
@@ -157,6 +159,7 @@ SECOND_CTRL_C = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_kills_at_once():
     proc = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
@@ -178,6 +181,7 @@ RANKING_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_one_process_keeps_the_strongest_signal():
     """TERM (no requeue) > INT (no requeue) > USR1 (requeue); after a Ctrl-C, Ctrl-C kills."""
     proc = subprocess.run([sys.executable, "-c", RANKING_SCRIPT], cwd=REPO, capture_output=True, text=True,
@@ -205,6 +209,7 @@ AGREE_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("rank0, rank1, agreed", [
     ("", "SIGUSR1", 10), ("SIGUSR1", "SIGTERM", 15), ("SIGINT", "SIGUSR1", 2), ("", "", None)])
 def test_two_ranks_agree_on_the_strongest_signal(tmp_path, rank0, rank1, agreed):
@@ -236,6 +241,7 @@ def start_launch(out: pathlib.Path, extra: str = "", env: dict | None = None) ->
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_a_warning_to_rank_1_only_checkpoints_every_rank_and_rank_0_requeues(tmp_path):
     """The bug: rank 0 died of a TypeError (it had no signal of its own) and never requeued."""
     out = tmp_path / "run"
@@ -256,6 +262,7 @@ def test_a_warning_to_rank_1_only_checkpoints_every_rank_and_rank_0_requeues(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_the_documented_way_signal_the_launchers_children_then_resume(tmp_path):
     """README: `pkill -USR1 -P <launcher pid>`; every rank checkpoints at the same step, the
     launcher exits 0, and `--resume auto` continues from there, training no step twice."""
@@ -282,6 +289,7 @@ def test_the_documented_way_signal_the_launchers_children_then_resume(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(tmp_path):
     """SIGUSR1 to accelerate's launcher kills it (torchrun's agent does not handle it); its
     workers, orphaned, used to train on to the end. Now they get SIGTERM (parent-death signal)
@@ -334,6 +342,7 @@ def session(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("to", ["the process group", "every process"])
 def test_slurm_launch_sh_turns_sigint_into_a_checkpoint(tmp_path, to):
     """srun's Ctrl-C (SIGINT) under slurm/launch.sh: to the task's process group (the launcher
@@ -393,6 +402,7 @@ STARVED = textwrap.dedent('''
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_two_process_runs_exit_0_even_when_gloo_threads_lag(tmp_path):
     """The exit race behind the rare SIGABRT after the summary, made likely: every run exits 0."""
     script = tmp_path / "starved.py"

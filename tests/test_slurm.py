@@ -242,6 +242,7 @@ def preempted(cluster, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_the_cpu_multinode_script_trains_on_two_nodes(cluster, uninterrupted):
     out, job, log = uninterrupted
     info = cluster.job(job)
@@ -260,6 +261,7 @@ def test_the_cpu_multinode_script_trains_on_two_nodes(cluster, uninterrupted):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_the_warning_signal_checkpoints_requeues_and_resumes(cluster, uninterrupted, preempted):
     out, info, log = preempted
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
@@ -311,6 +313,7 @@ def wandb_steps(run_file: pathlib.Path) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_wandb_keeps_every_step_across_the_requeue(preempted):
     out, _, _ = preempted
     stop = next(r["step"] for r in records(out) if r.get("preempted"))

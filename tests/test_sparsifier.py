@@ -257,6 +257,7 @@ def test_sparse_core_never_imports_the_rest():
                 assert name.split(".")[0] not in {"models", "data_pipelines", "launcher"}, path
 
 
+@pytest.mark.slow
 def test_no_module_of_ours_shadows_the_standard_library():
     """``python launcher/train.py`` puts launcher/ first on sys.path: a launcher/inspect.py
     was imported for the standard library's ``inspect`` (a partially initialised module)."""

@@ -75,6 +75,7 @@ def runs(tmp_path_factory):
     return {m: train(f"{ARGS} --superposing_method {m}", root, m) for m in ("CAA", "CIMA")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["CAA", "CIMA"])
 def test_two_cycles_give_two_superposed_models_at_the_final_density(runs, method):
     run = runs[method]
@@ -92,12 +93,14 @@ def test_two_cycles_give_two_superposed_models_at_the_final_density(runs, method
     assert [r["step"] for r in updates] == [264, 308]  # only the re-explore starting each cycle
 
 
+@pytest.mark.slow
 def test_caa_and_cima_differ(runs):
     a = load_file(runs["CAA"] / "supertickets" / "superposed-2.safetensors")
     b = load_file(runs["CIMA"] / "supertickets" / "superposed-2.safetensors")
     assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
 
 
+@pytest.mark.slow
 def test_batch_norm_statistics_are_recalibrated_on_the_training_data(runs):
     state = load_file(runs["CAA"] / "supertickets" / "superposed-2.safetensors")
     model = models.create_model("digits-mlp-bn", "digits", num_classes=10)
@@ -111,6 +114,7 @@ def test_batch_norm_statistics_are_recalibrated_on_the_training_data(runs):
     assert int(state["bn1.num_batches_tracked"]) == len(loaders.train)
 
 
+@pytest.mark.slow
 def test_resume_in_the_cyclic_phase_matches_uninterrupted(runs, tmp_path):
     part = train(f"{ARGS} --superposing_method CAA --max-steps 310", tmp_path, "part")  # in cycle 1
     assert json.loads((part / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 310
@@ -151,6 +155,7 @@ def test_recipe_files_say_what_the_seed_commands_say(recipe):
     assert from_cli.schedule.epochs == from_file.schedule.epochs and from_cli.seed == from_file.seed
 
 
+@pytest.mark.slow
 def test_suptickets_seed_command_runs_on_a_tiny_on_disk_cifar100(fake_cifar100_large, tmp_path):
     from launcher.config import parse_config
     from launcher.trainer import Trainer

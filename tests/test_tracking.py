@@ -43,6 +43,7 @@ def quick_run(tmp_path_factory) -> pathlib.Path:
     return out
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_holds_itop_rate_flops_and_layer_densities(quick_run):
     history = [r["history"]["item"] for r in wandb_records(quick_run) if r.get("type") == "history"]
     keys = set().union(*history)
@@ -60,6 +61,7 @@ def test_offline_wandb_run_holds_itop_rate_flops_and_layer_densities(quick_run):
     assert wandb_eval["flops/train_cumulative"] == last_eval["flops/train_cumulative"]
 
 
+@pytest.mark.slow
 def test_flops_in_metrics_follow_density(quick_run):
     local = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
     summary = local[-1]
@@ -70,6 +72,7 @@ def test_flops_in_metrics_follow_density(quick_run):
     assert totals == sorted(totals) and totals[-1] == summary["train_flops"]
 
 
+@pytest.mark.slow
 def test_plots_are_valid_pngs(quick_run):
     for name in ("itop_rate.png", "acc_vs_flops.png", "layer_density.png"):
         with Image.open(quick_run / name) as img:
@@ -78,6 +81,7 @@ def test_plots_are_valid_pngs(quick_run):
             assert high - low > 100  # not a blank image
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     out = tmp_path / "r"
     run(f"{ARGS} --max-steps 30", out)
@@ -95,6 +99,7 @@ def wandb_records_of(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_no_wandb_writes_metrics_only(tmp_path):
     out = tmp_path / "n"
     run(f"{ARGS} --max-steps 5 --no-wandb --no-plots", out)
@@ -102,6 +107,7 @@ def test_no_wandb_writes_metrics_only(tmp_path):
     assert not (out / "itop_rate.png").exists()
 
 
+@pytest.mark.slow
 def test_report_dry_run_builds_offline(quick_run):
     out = subprocess.run([str(BIN / "itop-report"), "--dry-run", "--project", "itop_dist",
                           "--layers-from", str(quick_run)], capture_output=True, text=True, timeout=120)

@@ -56,6 +56,7 @@ def test_seed_commands_parse_as_the_papers_mean_them(recipe):
     assert from_file.to_dict() == {**cfg.to_dict(), "schedule": {**cfg.to_dict()["schedule"], "decay_frequency": None}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(SEED_COMMANDS))
 def test_seed_commands_run_on_a_tiny_on_disk_cifar(recipe, fake_cifar10_large, tmp_path):
     """The README command as written trains. Added: the data folder, a step limit, and an update
@@ -102,6 +103,7 @@ OTHER_TOOLS_FLAGS = {"--multi_gpu", "--num_processes", "--mixed_precision", "--m
                      "--signal", "--requeue"}  # sbatch
 
 
+@pytest.mark.slow
 def test_every_setting_has_a_flag_and_every_flag_a_message_names_exists():
     """The flag table and the messages cannot drift from the config: every field can be set on
     the command line, and every ``--flag`` in a string of the training path is one itop-train
@@ -245,6 +247,7 @@ def test_bad_settings_fail_with_the_flag_named(args, flag):
         parse_config(shlex.split(args))
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_and_no_run_folder(tmp_path):
     for args in ("--density 1.5", "--data cifar10 --model vgg-c --data-dir /nonexistent/cifar",
                  "--config /nonexistent.yaml"):
@@ -300,6 +303,7 @@ def readme_quick_start() -> str:
     return line.split("bin/itop-train", 1)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,change,floor", [
     ("set", {}, 0.93),
     ("dense", {"--sparse": "--dense"}, 0.95),
@@ -329,6 +333,7 @@ def test_digits_quick_start_trains(tmp_path, mode, change, floor):
         assert [r["itop/rate"] for r in updates] == sorted(r["itop/rate"] for r in updates)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_same_loop_with_bf16(tmp_path):
     out = tmp_path / "acc"
     cmd = [str(pathlib.Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
@@ -357,6 +362,7 @@ def test_lr_schedule_follows_the_recipes():
     assert lr_factor(50, c, 10, 100) == pytest.approx(0.5) and lr_factor(100, c, 10, 100) == pytest.approx(0)
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     args = ("--sparse --data digits --model digits-mlp --epochs 3 --batch-size 64 --density 0.1 "
             "--growth gradient --update_frequency 10 --seed 5")
@@ -378,6 +384,7 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     assert read_metrics(full)[-1]["final_itop_rate"] == read_metrics(part)[-1]["final_itop_rate"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_sparse_setup(tmp_path):
     args = "--sparse --data digits --model digits-mlp --epochs 1 --batch-size 64 --density 0.1 --update_frequency 10"
     from test_checkpoints import refused
@@ -418,6 +425,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
     trainer.close()
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     """2 micro-batches of 16 take the same optimizer steps as batches of 32 (same samples)."""
     from safetensors.torch import load_file
@@ -453,6 +461,7 @@ def test_bn_weight_decay_off_exempts_every_norm_layer():
     assert all(g["weight_decay"] == 5e-4 for g in _build_optimizer(model, default).param_groups)
 
 
+@pytest.mark.slow
 def test_stop_signal_checkpoints_then_resume_matches_uninterrupted(tmp_path):
     """SIGUSR1 (SLURM's warning) or SIGTERM: checkpoint at the next step, exit; resume is exact."""
     import signal
@@ -516,6 +525,7 @@ README_DIGITS = ("--sparse --density 0.05 --update_frequency 50 --data digits --
                  "--epochs 100 --batch-size 64 --lr 0.05")
 
 
+@pytest.mark.slow
 def test_every_readme_command_and_recipe_gets_its_own_default_folder():
     """SET, RigL, momentum, static: one folder each (they shared one before); the 20 recipes
     map to 20 folders; and a setting of the identity (here the LR or the multiplier) moves it."""
@@ -541,6 +551,7 @@ def test_sparse_flags_without_sparse_are_refused_and_dense_is_explicit():
     assert parse_config(["--sparse", "--density", "0.1"]).sparsity.density == 0.1
 
 
+@pytest.mark.slow
 def test_the_launchers_precision_stands_and_impossible_devices_are_refused(tmp_path, monkeypatch):
     from launcher.trainer import _resolve_precision
 
