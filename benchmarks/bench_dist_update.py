@@ -50,7 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = models.create_model("resnet50", "imagenet", num_classes=1000).to(device)
     if args.sharding == "fsdp":
-        model = apply_fsdp(model, "no")
+        model = apply_fsdp(model, "no", models.model_fsdp_units("resnet50", "imagenet")(model))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sp = Sparsifier(model, optimizer, SparseConfig(density=0.2, growth="gradient"), total_steps=1000)
     x = torch.randn(2, 3, 224, 224, device=device)

@@ -27,13 +27,14 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 import models
-from data_pipelines import BatchLoader, build_loaders, check_loaders
+from data_pipelines import ShardedLoader, build_loaders, check_loaders
 from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, maskable_parameters, total_steps
 from itop_dist.schedules import schedule_problem
 from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
 from launcher.config import ConfigError, TrainConfig, flat_config, save_config
 from launcher import plots
+from launcher.evaluate import model_dataset
 from launcher.events import Event, build_plugins
 from launcher.lr_schedule import lr_factor
 from launcher.parallel import ModelState, OptimizerState, apply_fsdp, full_state_dict
@@ -178,8 +179,7 @@ class Trainer:
         found (an ImageNet subset, say); also used for Sup-tickets' superposed models."""
         cfg = self.cfg
         kwargs = {"init": cfg.model.init} if cfg.model.init else {}
-        data = cfg.data.name if cfg.data.name != "synthetic" else _closest_dataset(cfg.model.name)
-        return models.create_model(cfg.model.name, data, num_classes=self.loaders.num_classes, **kwargs)
+        return models.create_model(cfg.model.name, model_dataset(cfg), num_classes=self.loaders.num_classes, **kwargs)
 
     def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         """FSDP2 (sharded) when asked; replicated models are wrapped in DDP by ``prepare``."""
@@ -192,7 +192,8 @@ class Trainer:
             raise ConfigError("--sharding fsdp needs at least 2 processes (this is 1): launch with "
                               "accelerate launch --multi_gpu --num_processes N, N >= 2, or use --sharding ddp")
         if self.sharded:  # parameters must be sharded before the optimizer and the masks see them
-            return apply_fsdp(model.to(acc.device), acc.mixed_precision)
+            units = models.model_fsdp_units(self.cfg.model.name, model_dataset(self.cfg))(model)
+            return apply_fsdp(model.to(acc.device), acc.mixed_precision, units)
         return model
 
     def _build_run_length(self) -> None:
@@ -594,7 +595,7 @@ class Trainer:
         self.print(str(report))  # "... The percentage of the total fired weights is R", as ITOP
 
     @torch.no_grad()
-    def evaluate_model(self, loader: BatchLoader, model: torch.nn.Module | None = None) -> tuple[float, float]:
+    def evaluate_model(self, loader: ShardedLoader, model: torch.nn.Module | None = None) -> tuple[float, float]:
         """(loss, accuracy) of ``model`` (the trained one by default) over the whole split,
         summed across ranks (no sample twice)."""
         model = model or self.model
@@ -756,8 +757,3 @@ def _resolve_precision(cfg: TrainConfig) -> str:
         return cfg.mixed_precision
     gpu = cfg.device != "cpu" and torch.cuda.is_available()
     return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
-
-
-def _closest_dataset(model_name: str) -> str:
-    """For synthetic data: build the model's variant for the first data set it fits."""
-    return models.model_datasets(model_name)[0]

@@ -248,7 +248,7 @@ def test_variant_keys_are_the_data_pipelines_datasets_and_classes_are_required()
 def test_register_rejects_clashing_variant() -> None:
     # Fails before anything is stored, so the global registry is left untouched.
     with pytest.raises(ValueError, match="clashes"):
-        register_model("Lenet-5", datasets=("mnist",))(lambda num_classes: nn.Identity())
+        register_model("Lenet-5", datasets=("mnist",), fsdp_units=lambda model: [])(lambda num_classes: nn.Identity())
     assert "Lenet-5" not in list_models()
 
 

@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
                     for n, p in trainer.model.named_parameters()},
         "shards": shards,
         "updates": sp.state.updates if sp else 0,
-        "superposed": dict(trainer.tickets.superposed) if trainer.tickets is not None else {},
+        "superposed": {k: v for p in trainer.plugins if getattr(p, "superposition", None)
+                       for k, v in (p.superposition.superposed or {}).items()},
     }, out / f"rank{rank}.pt")
     trainer.close()
     return 0
