@@ -19,6 +19,7 @@ import math
 import os
 import pathlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -214,19 +215,21 @@ class Trainer:
         ``accelerator.prepare`` wraps them (and a replicated model in DDP)."""
         acc, cfg = self.accelerator, self.cfg
         self.raw_optimizer = optimizer = _build_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_schedule())
         if self.sharded:  # FSDP2 owns the model and optimizer state; Accelerate the rest
             self.model, self.optimizer = model, optimizer
             self.scheduler = acc.prepare(scheduler)
         else:
             self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
 
-    def _lr_factor(self, step: int) -> float:
+    def _lr_schedule(self) -> Callable[[int], float]:
+        """The LR factor of a step: the recipe's, reshaped by each plug-in in turn (Sup-tickets'
+        cycles), composed once here rather than on every scheduler step."""
         def recipe(s: int) -> float:
             return lr_factor(s, self.cfg.schedule, self.steps_per_epoch, self.total_steps)
-        for plugin in self.plugins:  # a phase may replace the recipe's LR (Sup-tickets' cycles)
+        for plugin in self.plugins:  # a partial, like a bound method, saves an empty lr_lambdas entry
             recipe = functools.partial(plugin.lr_factor, recipe=recipe)
-        return recipe(step)
+        return recipe
 
     def _build_sparsity(self) -> Sparsifier | None:
         """The Sparsifier on the wrapped parameters, with the plug-ins' sparse settings."""

@@ -40,6 +40,8 @@ class SupTickets(Plugin):
                                             cfg.sparsity.final_density, []) if cyclic_epochs else None)
         self.state_key = "supertickets" if cyclic_epochs else None
         self.last_superposed: dict | None = None
+        # The recipe's schedule squeezed into the pre-train epochs, built once for every LR step.
+        self.pretrain_schedule = dataclasses.replace(cfg.schedule, epochs=self.pretrain_epochs, multiplier=1.0)
 
     def sparse_config(self, sparsity: SparseConfig) -> SparseConfig:
         if self.t.no_mask_updates:  # masks change only by re-explore in the cycles
@@ -49,8 +51,7 @@ class SupTickets(Plugin):
     def lr_factor(self, step: int, recipe: Callable[[int], float]) -> float:
         """The recipe's schedule over the pre-train epochs, then the cyclic triangle (or the LR
         the pre-train phase ended with)."""
-        spe, t = self.steps_per_epoch, self.t
-        pre = dataclasses.replace(self.cfg.schedule, epochs=self.pretrain_epochs, multiplier=1.0)
+        spe, t, pre = self.steps_per_epoch, self.t, self.pretrain_schedule
         start = self.pretrain_epochs * spe
         if step < start:
             return lr_factor(step, pre, spe, start)
