@@ -37,6 +37,7 @@ from itop_dist import SparseConfig
 from itop_dist.config import APPLY_MODES, DECAY_SCHEDULES, REDISTRIBUTIONS
 from itop_dist.methods import METHODS
 from itop_dist.topology import DENSITY_RULES, GROW_FNS, PRUNE_FNS
+from launcher.parallel import FSDP_STAGES, STAGES
 
 Init = Literal[INITS]  # ImageNet ResNet-50's initialisations
 
@@ -212,7 +213,11 @@ class TrainConfig:
     seed: int = 17
     mixed_precision: Literal["launcher", "no", "bf16", "fp16", "auto"] = "launcher"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    sharding: Literal["ddp", "fsdp"] = "ddp"
+    # The ZeRO stage (launcher/parallel.py's table); "launcher": the Accelerate config's FSDP
+    # settings (zero3, or zero2 with fsdp_reshard_after_forward false), else ddp. fsdp = zero3.
+    sharding: Literal["launcher", "ddp", "zero1", "zero2", "zero3", "hsdp", "fsdp"] = "launcher"
+    # hsdp: processes per shard group (replicas = processes / this); default the processes per node.
+    shard_group_size: int | None = None
     dist_timeout: float = 10.0  # minutes a collective may wait for the other ranks
     # configs/presets/<preset>.yaml, applied beneath --config and the flags (recorded, so that the
     # run's config.yaml says where its values came from).
@@ -228,9 +233,17 @@ class TrainConfig:
         _check(self.device != "cuda" or torch.cuda.is_available(), "--device",
                "cuda: no GPU is visible here (torch.cuda.is_available() is False); use --device cpu "
                "or auto")
-        _check(self.sharding in ("ddp", "fsdp"), "--sharding", f"{self.sharding!r}: choose ddp or fsdp")
-        _check(not (self.sharding == "fsdp" and self.mixed_precision == "fp16"), "--mixed-precision",
-               "fp16 with --sharding fsdp is not supported; use bf16")
+        if self.sharding == "fsdp":  # the earlier name of zero3, kept for the papers' scripts
+            self.sharding = "zero3"
+        _check(self.sharding in ("launcher", *STAGES), "--sharding",
+               f"{self.sharding!r}: choose {', '.join(STAGES)} (fsdp = zero3) or launcher")
+        _check(not (self.sharding in FSDP_STAGES and self.mixed_precision == "fp16"), "--mixed-precision",
+               f"fp16 with --sharding {self.sharding} is not supported (FSDP2 has no loss scaler); use bf16")
+        _check(self.shard_group_size is None or (self.sharding == "hsdp" and self.shard_group_size >= 1),
+               "--shard-group-size", f"{self.shard_group_size} needs --sharding hsdp and must be >= 1")
+        _check(not (self.sharding == "zero1" and self.sparse and self.sparsity.growth == "momentum"),
+               "--growth", "momentum growth with --sharding zero1: rank 0 decides from every weight's "
+               "momentum, which ZeRO-1 spreads over the ranks; use --sharding ddp or zero3")
         _check(not self.tickets.enabled or self.sparse, "--cyclic_train", "Sup-tickets needs --sparse")
         t = self.tickets
         _check(t.pretrain_epochs is None or t.cyclic_epochs is None

@@ -38,7 +38,8 @@ from launcher import plots
 from launcher.evaluate import model_dataset
 from launcher.events import Event, build_plugins
 from launcher.lr_schedule import lr_factor
-from launcher.parallel import ModelState, OptimizerState, apply_fsdp, full_state_dict
+from launcher.parallel import (FSDP_STAGES, ModelState, OptimizerState, apply_fsdp, full_state_dict,
+                               local_optimizer, shard_mesh, zero1_optimizer)
 import launcher.plugins  # noqa: F401  (registers the built-in plug-ins)
 from launcher.preemption import Preemption
 from launcher.tracking import Tracker, wandb_available
@@ -183,19 +184,41 @@ class Trainer:
         return models.create_model(cfg.model.name, model_dataset(cfg), num_classes=self.loaders.num_classes, **kwargs)
 
     def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
-        """FSDP2 (sharded) when asked; replicated models are wrapped in DDP by ``prepare``."""
-        acc = self.accelerator
-        # An Accelerate config with distributed_type FSDP asks for the same sharding; on CPUs
-        # Accelerate drops it (MULTI_CPU) but its launcher still sets ACCELERATE_USE_FSDP.
-        self.sharded = (self.cfg.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP
-                        or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
-        if self.sharded and acc.num_processes < 2:
-            raise ConfigError("--sharding fsdp needs at least 2 processes (this is 1): launch with "
+        """The ZeRO stage's wrapping (launcher/parallel.py): FSDP2 here for zero2/zero3/hsdp;
+        replicated models (ddp, zero1) are wrapped in DDP by ``prepare``."""
+        acc, cfg = self.accelerator, self.cfg
+        self.stage = self._sharding_stage()
+        self.sharded = self.stage in FSDP_STAGES
+        if self.stage != "ddp" and acc.num_processes < 2:
+            raise ConfigError(f"--sharding {self.stage} needs at least 2 processes (this is 1): launch with "
                               "accelerate launch --multi_gpu --num_processes N, N >= 2, or use --sharding ddp")
-        if self.sharded:  # parameters must be sharded before the optimizer and the masks see them
-            units = models.model_fsdp_units(self.cfg.model.name, model_dataset(self.cfg))(model)
-            return apply_fsdp(model.to(acc.device), acc.mixed_precision, units)
-        return model
+        if not self.sharded:
+            return model
+        group = cfg.shard_group_size or int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        if self.stage == "hsdp" and acc.num_processes % group:
+            raise ConfigError(f"--shard-group-size {group}: does not divide the {acc.num_processes} processes; "
+                              f"choose a divisor (the processes per node is the usual choice)")
+        mesh = shard_mesh(self.stage, acc.device.type, acc.num_processes, group)
+        # Parameters must be sharded before the optimizer and the masks see them.
+        units = models.model_fsdp_units(cfg.model.name, model_dataset(cfg))(model)
+        return apply_fsdp(model.to(acc.device), acc.mixed_precision, units, self.stage, mesh)
+
+    def _sharding_stage(self) -> str:
+        """``--sharding``, or the stage the Accelerate config asks for: FSDP is zero3, or zero2
+        with ``fsdp_reshard_after_forward: false``. On CPUs Accelerate drops FSDP (MULTI_CPU) but
+        its launcher still sets ACCELERATE_USE_FSDP. A flag that contradicts the config is
+        refused (hsdp refines an FSDP config: full sharding within each shard group)."""
+        acc, asked = self.accelerator, self.cfg.sharding
+        launcher = None
+        if acc.distributed_type == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+            launcher = "zero2" if reshard == "false" else "zero3"
+        if asked == "launcher":
+            return launcher or "ddp"
+        if launcher is not None and asked != launcher and not (asked == "hsdp" and launcher == "zero3"):
+            raise ConfigError(f"--sharding {asked}: the Accelerate config asks for FSDP ({launcher}); "
+                              f"drop --sharding, or launch with a config without distributed_type FSDP")
+        return asked
 
     def _build_run_length(self) -> None:
         """Steps per epoch, epochs (x the multiplier) and optimizer steps of the whole run."""
@@ -214,13 +237,16 @@ class Trainer:
         """The optimizer and the LR schedule (the recipe's, as the plug-ins reshape it);
         ``accelerator.prepare`` wraps them (and a replicated model in DDP)."""
         acc, cfg = self.accelerator, self.cfg
-        self.raw_optimizer = optimizer = _build_optimizer(model, cfg)
+        optimizer = _build_optimizer(model, cfg)
+        self.raw_optimizer = optimizer = zero1_optimizer(optimizer) if self.stage == "zero1" else optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_schedule())
         if self.sharded:  # FSDP2 owns the model and optimizer state; Accelerate the rest
             self.model, self.optimizer = model, optimizer
             self.scheduler = acc.prepare(scheduler)
         else:
-            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+            # The optimizer has no state yet to move (ZeRO-1's state_dict would be a collective).
+            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler,
+                                                                     device_placement=[None, False, None])
 
     def _lr_schedule(self) -> Callable[[int], float]:
         """The LR factor of a step: the recipe's, reshaped by each plug-in in turn (Sup-tickets'
@@ -240,7 +266,7 @@ class Trainer:
         for plugin in self.plugins:
             sparsity = plugin.sparse_config(sparsity)
         _check_exclude(self.model, sparsity.exclude)
-        sparsifier = Sparsifier(self.model, self.raw_optimizer, sparsity, self.total_steps,
+        sparsifier = Sparsifier(self.model, local_optimizer(self.raw_optimizer), sparsity, self.total_steps,
                                 epoch_steps=self.steps_per_epoch * cfg.schedule.multiplier)
         self._check_sparse_schedule(sparsifier, sparsity)
         return sparsifier
@@ -390,7 +416,7 @@ class Trainer:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         info = {"run_dir": str(self.run_dir), "device": str(acc.device), "world_size": acc.num_processes,
                 "distributed_type": acc.distributed_type.value, "precision": acc.mixed_precision,
-                "sharding": "fsdp" if self.sharded else "ddp", "model": cfg.model.name,
+                "sharding": self.stage, "model": cfg.model.name,
                 "params_total": sum(p.numel() for p in self.model.parameters()),
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "global_batch": st.micro_batch_global * st.accumulate,
@@ -676,7 +702,7 @@ class Trainer:
             "best_step": self.state.best_step if found else None,
             "best_density": self.state.best_density if found else None,
             "selected_on": "val" if self.loaders.val is not None else "test (no validation split)",
-            "world_size": self.accelerator.num_processes, "sharding": "fsdp" if self.sharded else "ddp",
+            "world_size": self.accelerator.num_processes, "sharding": self.stage,
             "ranks_identical": True,  # _verify_replicas raised otherwise
             **{SUMMARY_NAMES[k]: v for k, v in self._sparse_numbers().items()},
         }
