@@ -281,8 +281,8 @@ class TrainConfig:
 # preset, whose values are settings of their own.
 RESUMABLE = ("schedule.epochs", "schedule.max_steps", "schedule.eval_every", "checkpoint.", "log.", "dist_timeout",
              "data.data_dir", "data.download", "data.num_workers", "data.loader", "data.batch_size",
-             "data.test_batch_size", "data.check_data", "optim.accumulate", "device", "sharding", "model.channels_last",
-             "model.initial_checkpoint", "tickets.label", "preset")
+             "data.test_batch_size", "data.check_data", "optim.accumulate", "device", "sharding",
+             "shard_group_size", "model.channels_last", "model.initial_checkpoint", "tickets.label", "preset")
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:

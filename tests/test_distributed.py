@@ -235,19 +235,21 @@ def test_gradient_accumulation_across_ranks(tmp_path, sharding):
     assert r0["summary"]["step"] == 33 and r0["updates"] == 4  # 11 steps per epoch
 
 
-def test_accelerate_config_files(tmp_path):
-    """The shipped configs load; the FSDP one shards through Accelerate's own launcher."""
+@pytest.mark.parametrize("config, stage", [("fsdp", "zero3"), ("zero2", "zero2")])
+def test_accelerate_config_files(tmp_path, config, stage):
+    """The shipped configs load; the FSDP ones select their ZeRO stage through Accelerate's own
+    launcher (which passes fsdp_reshard_after_forward to the processes)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     folder = REPO / "launcher" / "accelerate"
     kinds = {p.stem: load_config_from_file(str(p)) for p in folder.glob("*.yaml")}
-    assert set(kinds) == {"single_gpu", "multi_gpu", "multi_node", "fsdp"}
+    assert set(kinds) == {"single_gpu", "multi_gpu", "multi_node", "fsdp", "zero2"}
     assert kinds["single_gpu"].num_processes == 1
     assert kinds["multi_node"].num_machines == 2 and kinds["multi_node"].distributed_type == "MULTI_GPU"
-    assert kinds["fsdp"].distributed_type == "FSDP"
-    # The FSDP config, as a user would adapt it for 2 CPU processes.
-    text = (folder / "fsdp.yaml").read_text()
-    cpu = tmp_path / "fsdp_cpu.yaml"
+    assert kinds[config].distributed_type == "FSDP"
+    # The config, as a user would adapt it for 2 CPU processes.
+    text = (folder / f"{config}.yaml").read_text()
+    cpu = tmp_path / "cpu.yaml"
     cpu.write_text(text.replace("num_processes: 8", "num_processes: 2").replace("use_cpu: false", "use_cpu: true")
                    .replace("mixed_precision: bf16", "mixed_precision: 'no'"))
     out = tmp_path / "run"
@@ -258,8 +260,16 @@ def test_accelerate_config_files(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r0, r1 = ranks(out)
-    assert r0["summary"]["sharding"] == "zero3" and r0["shards"]["fc2.weight"] == (32768, 65536)
+    assert r0["summary"]["sharding"] == stage and r0["shards"]["fc2.weight"] == (32768, 65536)
     assert_identical(r0, r1)
+    # A flag that contradicts the config is refused, not overridden either way.
+    proc = subprocess.run([str(ACCELERATE), "launch", "--config_file", str(cpu), "--main_process_port",
+                           str(free_port()), "-m", "launcher.train", *shlex.split(ARGS), "--sharding", "ddp",
+                           "--output-dir", str(tmp_path / "refused")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    assert (f"itop-train: error: --sharding ddp: the Accelerate config asks for FSDP ({stage}); drop "
+            "--sharding, or launch with a config without distributed_type FSDP") in proc.stderr
 
 
 def test_suptickets_two_processes_superpose_and_recalibrate_identically(tmp_path):
