@@ -218,3 +218,136 @@ def check_same(tensors: dict[str, torch.Tensor], what: str = "masks",
 def check_masks(masks: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Every rank's masks must equal rank 0's (per-layer checksums, one all_gather)."""
     check_same(masks, "masks", group)
+
+
+# --- the sharded sparse state (docs/algorithms.md §12.3) ------------------------------------
+# Under FSDP2 each rank keeps only its shard of every mask; the functions below move shards
+# between the ranks and rank 0, one layer at a time, and reduce the shards' counts.
+
+
+def shard_group(mesh, mesh_dim: int) -> dist.ProcessGroup:
+    """The process group of the ranks that hold the different shards of a DTensor sharded
+    over ``mesh_dim`` of ``mesh`` (a DeviceMesh): the whole mesh for FSDP's 1-D mesh, one row
+    of the (replicate, shard) mesh under HSDP (its replicas hold the same shards again)."""
+    return mesh.get_group(mesh_dim)
+
+
+@_named
+def sum_over_shards(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum of every shard group member's ``values`` (an int64 vector, e.g. this rank's
+    per-layer mask counts), on every member: one all-reduce (SUM) over ``group`` only, so that
+    HSDP's replicas, which hold the same shards, are not counted twice. ``group`` None, or a
+    group of one rank: ``values`` itself. Returns an int64 CPU tensor."""
+    if group is None or world_size(group) == 1:
+        return values.cpu()
+    t = values.to(device=_comm_device(group), dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t.cpu()
+
+
+@_named
+def all_gather_objects(obj, group: dist.ProcessGroup | None = None) -> list:
+    """Every rank's ``obj`` (a small picklable value), on every rank, in rank order: one
+    all-gather of Python objects, at start-up."""
+    if world_size(group) == 1:
+        return [obj]
+    gathered: list = [None] * world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+@_named
+def gather_shards(local: torch.Tensor, numels: list[int], group: dist.ProcessGroup | None = None,
+                  everywhere: bool = False) -> list[torch.Tensor] | None:
+    """Every rank's ``local`` tensor, flat on the CPU, in rank order: on rank 0 (one gather),
+    or on every rank with ``everywhere`` (one all-gather); None on the other ranks.
+
+    ``numels[r]``: the number of entries rank r sends (the same list on every rank); each is
+    padded to the largest, so the device buffers hold about one layer. Bool tensors travel as
+    uint8 (every backend moves bytes) and come back as bool; other dtypes are kept.
+    """
+    dtype = local.dtype
+    flat = local.detach().reshape(-1)
+    if dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    if world_size(group) == 1:
+        return [flat.cpu().to(dtype)]
+    device = _comm_device(group)
+    size = max(numels)
+    send = torch.zeros(size, dtype=flat.dtype, device=device)
+    send[:flat.numel()] = flat.to(device)
+    if everywhere:
+        received = [torch.empty_like(send) for _ in numels]
+        dist.all_gather(received, send, group=group)
+    else:
+        received = [torch.empty_like(send) for _ in numels] if is_rank0(group) else None
+        dist.gather(send, received, dst=dist.get_global_rank(group, 0) if group else 0, group=group)
+        if received is None:
+            return None
+    return [r[:n].cpu().to(dtype) for r, n in zip(received, numels)]
+
+
+@_named
+def broadcast_int64(values: torch.Tensor | None, shape: tuple[int, ...],
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Rank 0's int64 tensor of ``shape`` on every rank (read on rank 0 only; others may pass
+    None): one broadcast. Returns a CPU tensor."""
+    if world_size(group) == 1:
+        assert values is not None
+        return values.cpu()
+    device = _comm_device(group)
+    t = values.to(device) if is_rank0(group) else torch.empty(shape, dtype=torch.int64, device=device)
+    dist.broadcast(t, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    return t.cpu()
+
+
+@_named
+def scatter_masks(pieces: list[torch.Tensor] | None, shapes: list[tuple[int, ...]], counts: list[int],
+                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Rank r receives ``pieces[r]`` from rank 0 (one scatter): each piece bit-packed or as
+    indices, whichever is smaller (:func:`encode_mask`), padded to the largest.
+
+    ``pieces`` (bool) is read on rank 0 only; ``shapes[r]`` and ``counts[r]`` (its number of
+    ones) are known on every rank. Returns this rank's piece as a bool CPU tensor.
+    """
+    me = rank(group)
+    if world_size(group) == 1:
+        assert pieces is not None
+        return pieces[0].cpu()
+    sizes = [encoded_size(torch.Size(s).numel(), c) for s, c in zip(shapes, counts)]
+    device = _comm_device(group)
+    size = max(max(sizes), 1)
+    received = torch.empty(size, dtype=torch.uint8, device=device)
+    chunks = None
+    if is_rank0(group):
+        assert pieces is not None
+        chunks = [torch.zeros(size, dtype=torch.uint8, device=device) for _ in pieces]
+        for chunk, piece, n in zip(chunks, pieces, sizes):
+            chunk[:n] = encode_mask(piece.cpu()).to(device)
+    dist.scatter(received, chunks, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    return decode_mask(received[:sizes[me]].cpu(), shapes[me], counts[me])
+
+
+@_named
+def check_against(local: torch.Tensor, expected: torch.Tensor, names: list[str], whats: list[str],
+                  group: dist.ProcessGroup | None = None) -> None:
+    """Compare every rank's checksums (``local``: int64, one per tensor it holds) with what it
+    should hold (``expected[r]``: rank r's row, the same table on every rank, e.g. computed by
+    rank 0 from its decision for each rank's shard), in one all-gather; raise
+    :class:`MaskMismatchError` on every rank naming the first differing tensor (``names[i]``,
+    of kind ``whats[i]``) and the ranks that hold it wrongly."""
+    if world_size(group) == 1:
+        table = local.reshape(1, -1).cpu()
+    else:
+        device = _comm_device(group)
+        gathered = [torch.empty_like(local, device=device) for _ in range(world_size(group))]
+        dist.all_gather(gathered, local.to(device), group=group)
+        table = torch.stack(gathered).cpu()
+    differs = (table != expected).any(dim=0)
+    if bool(differs.any()):
+        first = int(torch.nonzero(differs)[0])
+        bad = [r for r in range(table.shape[0]) if table[r, first] != expected[r, first]]
+        raise MaskMismatchError(
+            f"{whats[first]} differ across ranks: first differing layer {names[first]!r} on rank(s) {bad} "
+            f"(vs rank 0's decision for their shards); connectivity is no longer identical, stopping"
+        )

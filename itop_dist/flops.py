@@ -185,7 +185,7 @@ class FlopsCounter:
     step's forward and backward, so pass the new densities on the next call, or with
     :meth:`set_densities` after the update::
 
-        counter = FlopsCounter(flops, sparsifier.state.layer_densities())
+        counter = FlopsCounter(flops, sparsifier.layer_densities())
         ...  # after sparsifier.step() returned ``report`` (None on ordinary steps):
         counter.step(None, global_batch, "gradient", update_step=report is not None)
         if report:

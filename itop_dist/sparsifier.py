@@ -13,7 +13,10 @@ Usage in any loop (no launcher needed)::
     print(sparsifier.itop_rate)
 
 Rank 0 takes every mask decision; the masks are broadcast and checked on every rank
-(:mod:`itop_dist.collectives`), so all ranks train the same sparse network.
+(:mod:`itop_dist.collectives`), so all ranks train the same sparse network. When the weights
+are sharded DTensors (FSDP2: zero2, zero3, hsdp) each rank keeps only its shard of every mask
+and of the explored union, and an update streams layer by layer through rank 0
+(docs/algorithms.md §12.3).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from itop_dist import collectives
 from itop_dist.config import SparseConfig
-from itop_dist.methods import METHODS, Method, UpdateInputs
+from itop_dist.methods import METHODS, Method, UpdateInputs, UpdateResult
 from itop_dist.state import SparseState
 
 log = logging.getLogger("itop_dist")
@@ -81,13 +84,42 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The part of ``full`` that this rank holds of ``like`` (a sharded DTensor parameter);
-    ``full`` itself for an ordinary tensor. Masks are kept per shard like this under FSDP."""
-    if not isinstance(like, DTensor):
-        return full
-    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
-    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+def local_block(p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offset, shape) of the block of ``p`` that this rank holds: its shard for a sharded
+    DTensor, the whole tensor otherwise."""
+    if isinstance(p, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return tuple(offset), tuple(shape)
+    return (0,) * p.dim(), tuple(p.shape)
+
+
+def region(offset: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The index of the block of ``shape`` at ``offset`` in a full tensor."""
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def assemble(pieces: list[torch.Tensor], blocks: list[tuple[tuple[int, ...], tuple[int, ...]]],
+             shape: tuple[int, ...]) -> torch.Tensor:
+    """The full tensor of ``shape`` from each rank's piece (any shape with the block's number
+    of entries) and its block ``(offset, shape)``; blocks held by several ranks (HSDP
+    replicas) are written by each, identically. Returns a CPU tensor of the pieces' dtype."""
+    full = torch.empty(shape, dtype=pieces[0].dtype)
+    for piece, (offset, block) in zip(pieces, blocks):
+        full[region(offset, block)] = piece.reshape(block)
+    return full
+
+
+def _shard_mesh_dim(p: torch.Tensor) -> int | None:
+    """The mesh dimension a DTensor parameter is sharded over (None: replicated). Raises
+    ValueError for a tensor sharded over two mesh dimensions (FSDP with tensor parallelism),
+    whose shard group is not one row of the mesh."""
+    if not isinstance(p, DTensor):
+        return None
+    dims = [i for i, placement in enumerate(p.placements) if placement.is_shard()]
+    if len(dims) > 1:
+        raise ValueError(f"a weight sharded over mesh dimensions {dims} (placements {p.placements}): "
+                         f"sparse masks support one sharded dimension (FSDP/HSDP)")
+    return dims[0] if dims else None
 
 
 @dataclass
@@ -112,13 +144,19 @@ class UpdateReport:
 class Sparsifier:
     """Masks, their updates and the ITOP rate for one model and optimizer.
 
-    model: the module being trained (possibly wrapped by DDP/compile); its conv/linear
+    model: the module being trained (possibly wrapped by DDP/compile/FSDP2); its conv/linear
         weights are masked. optimizer: its per-weight state (momentum, Adam's moments) is
         masked too.
     total_steps: the run's length in optimizer steps (schedules.total_steps), which the
         prune-rate cosine and the update stop are relative to.
     epoch_steps: optimizer steps per epoch x the multiplier; gradual pruning (GraNet, GMP)
         places its window in epochs with it.
+
+    When a masked weight is a DTensor sharded over a mesh dimension (FSDP2), ``masks`` and
+    ``state`` hold this rank's shard of each mask and explored union (bool, the shape of the
+    local shard); :meth:`full_masks` and :meth:`full_fired` gather the whole. Otherwise they
+    hold the full masks. The numbers (``density``, ``itop_rate``, ...) are exact either way.
+    Constructing it is a collective: every rank must.
     """
 
     def __init__(
@@ -137,9 +175,14 @@ class Sparsifier:
         self.method: Method = METHODS[config.method](config, total_steps, epoch_steps)
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.update_until = int(config.update_stop * total_steps)  # no updates after this step
+        self._layout()
         masks = self.method.initial_masks(self.shapes) if collectives.is_rank0(group) else None
-        masks = collectives.broadcast_masks(masks, self.shapes, group)
-        self.state = SparseState({n: m.to(self.params[n].device) for n, m in masks.items()})
+        if self.sharded:
+            masks, _ = self._distribute(masks, masks, None)
+        else:
+            masks = collectives.broadcast_masks(masks, self.shapes, group)
+        self.state = SparseState({n: m.to(_local(self.params[n]).device) for n, m in masks.items()})
+        self._refresh_counts()
         self._refresh_multipliers()
         self.apply_masks()
 
@@ -167,66 +210,73 @@ class Sparsifier:
 
     @torch.no_grad()
     def update(self, method: Method | None = None) -> UpdateReport:
-        """One mask update: check, gather, decide on rank 0, broadcast, apply, check.
+        """One mask update: check, gather, decide on rank 0, send, apply, check.
 
         The first check proves every rank trained the same connectivity since the last update
         (a mask changed on one rank only is caught here, before it can be overwritten).
         ``method``: another method's update instead of the run's own, e.g. Sup-tickets'
         re-explore at the start of each cycle (``itop_dist.suptickets.ReExplore``).
-        Raises MaskMismatchError when a rank's masks differ from rank 0's."""
+        A collective: every rank must call it. Raises MaskMismatchError when a rank's masks
+        differ from rank 0's (sharded: from rank 0's decision for that rank's shard), and
+        RuntimeError when the method needs gradients or momenta that are not there."""
         method = method or self.method
-        collectives.check_masks(self.state.masks, self.group)
-        on_rank0 = collectives.is_rank0(self.group)
-        needs_grads = method.needs_grads
-        weights = {n: full_tensor(p) for n, p in self.params.items()}
-        grads = {n: full_tensor(p.grad) if needs_grads else None for n, p in self.params.items()}
-        momenta = {n: full_tensor(self._momentum_score(p)) if method.needs_momenta else None
-                   for n, p in self.params.items()}
-        if needs_grads and any(g is None for g in grads.values()):
+        self._check(explored=False)
+        if method.needs_grads and any(p.grad is None for p in self.params.values()):
             raise RuntimeError(
                 "gradient growth needs the gradients at the update: call sparsifier.step() after "
                 "optimizer.step() and before optimizer.zero_grad()"
             )
-        result = None
-        if on_rank0:
-            inputs = UpdateInputs(weights, dict(self.state.masks), grads, momenta,
-                                  self.state.step, self.state.updates + 1)
-            result = method.update(inputs)
-        new = collectives.broadcast_masks(result.masks if result else None, self.shapes, self.group)
-        new = {n: m.to(self.state.masks[n].device) for n, m in new.items()}
-        if self.config.regrow_reinit_zero:
-            grown = collectives.broadcast_masks(result.grown if result else None, self.shapes, self.group)
+        decide = self._decide_sharded if self.sharded else self._decide_replicated
+        result, new, grown = decide(method)
+        if grown is not None:
             self._zero(grown)
-        self.state.set_masks(new)
+        self.state.set_masks({n: m.to(self.state.masks[n].device) for n, m in new.items()})
+        self._refresh_counts()
         self._refresh_multipliers()
         self.apply_masks()
-        collectives.check_masks(self.state.masks, self.group)
+        self._check(explored=False)
         pruned = sum(result.pruned.values()) if result else 0
         regrown = sum(result.regrown.values()) if result else 0
         report = UpdateReport(self.state.step, result.rate if result else float("nan"), pruned,
-                              regrown, self.density, self.itop_rate, self.state.layer_densities())
+                              regrown, self.density, self.itop_rate, self.layer_densities())
         log.info("%s", report)
         return report
 
     def verify(self) -> None:
         """Raise :class:`MaskMismatchError` on every rank unless its masks and explored union
-        equal rank 0's (one collective each)."""
-        collectives.check_same(self.state.masks, "masks", self.group)
-        collectives.check_same(self.state.fired, "explored unions", self.group)
+        equal rank 0's (replicated: one collective each), or, sharded, what rank 0 decided
+        for this rank's shards (one collective). A collective: every rank must call it."""
+        self._check(explored=True)
 
-    # --- numbers -------------------------------------------------------------------------
+    # --- numbers (exact counts over all shards, no collective) ----------------------------
     @property
     def masks(self) -> dict[str, torch.Tensor]:
+        """This rank's masks by name: bool, the full shape, or the local shard's when the
+        weights are sharded (see :meth:`full_masks`)."""
         return self.state.masks
+
+    def nonzeros(self) -> dict[str, int]:
+        """Active weights per layer, over the whole (unsharded) mask."""
+        return dict(zip(self.shapes, self._counts[: len(self.shapes)].tolist()))
+
+    @property
+    def masked_params(self) -> int:
+        """Number of weights under a mask (the ITOP-rate denominator), over all shards."""
+        return sum(torch.Size(s).numel() for s in self.shapes.values())
+
+    def layer_densities(self) -> dict[str, float]:
+        """Active fraction of each layer's whole mask, in [0, 1]."""
+        return {n: k / torch.Size(self.shapes[n]).numel() for n, k in self.nonzeros().items()}
 
     @property
     def density(self) -> float:
-        return self.state.density
+        """Non-zero masked weights / masked weights."""
+        return sum(self.nonzeros().values()) / self.masked_params
 
     @property
     def itop_rate(self) -> float:
         """Explored fraction of the masked weights since the start (R_s, docs/algorithms.md §7)."""
-        return self.state.itop_rate
+        return int(self._counts[len(self.shapes):].sum()) / self.masked_params
 
     @property
     def at_final_density(self) -> bool:
@@ -234,15 +284,32 @@ class Sparsifier:
         that do not prune gradually, ``density``), up to the per-layer rounding of exact counts
         (at most one weight per layer). Dense-to-sparse methods are at it only once pruning has
         ended, so that no denser model is reported beside the final density."""
-        tolerance = len(self.state.masks) / self.state.masked_params
+        tolerance = len(self.shapes) / self.masked_params
         return abs(self.density - self.config.final_density) <= tolerance
+
+    # --- the whole picture (collectives) --------------------------------------------------
+    def full_masks(self) -> dict[str, torch.Tensor]:
+        """Every layer's whole mask (bool, the parameter's shape, CPU) on every rank; sharded,
+        one all-gather per layer. Unsharded, the state's own tensors (do not modify them).
+        A collective: every rank must call it."""
+        return self._full(self.state.masks)
+
+    def full_fired(self) -> dict[str, torch.Tensor]:
+        """Every layer's whole explored union, like :meth:`full_masks`."""
+        return self._full(self.state.fired)
 
     # --- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"state": self.state.state_dict(), "config": self.config.to_dict()}
+        """The full state, sharded or not (masks and explored union bit-packed, counters,
+        config), so that a checkpoint loads whatever the sharding; the same on every rank.
+        A collective when sharded: every rank must call it."""
+        whole = SparseState(self.full_masks(), self.full_fired(), self.state.step, self.state.updates)
+        return {"state": whole.state_dict(), "config": self.config.to_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore masks, explored union and counters; refuse a different sparse set-up."""
+        """Restore masks, explored union and counters from a full :meth:`state_dict` (this rank
+        keeps its shards); refuse a different sparse set-up (ValueError). A collective when
+        sharded: every rank must call it, with the same ``sd``."""
         ours, theirs = self.config.to_dict(), sd.get("config", {})
         for key in ("method", "density", "final_density", "sparse_init", "growth", "death", "exclude"):
             a, b = theirs.get(key), ours.get(key)
@@ -253,11 +320,161 @@ class Sparsifier:
                     f"checkpoint was trained with {key}={a!r} but this run has {key}={b!r}; "
                     f"resume with the same settings or start a new run folder"
                 )
-        self.state.load_state_dict(sd["state"])
+        if self.sharded:
+            whole = SparseState.from_state_dict(sd["state"], self.shapes)
+            # Every rank holds the whole state here, so each computes rank 0's checksums itself.
+            self._expected = self._table(whole.masks, whole.fired, None)[:, 2 * len(self.shapes):]
+            for key in ("masks", "fired"):  # keep this rank's blocks (copies: the whole is freed)
+                setattr(self.state, key, {n: t[region(*local_block(self.params[n]))].clone().to(
+                    _local(self.params[n]).device) for n, t in getattr(whole, key).items()})
+            self.state.step, self.state.updates = whole.step, whole.updates
+        else:
+            self.state.load_state_dict(sd["state"])
+        self._refresh_counts()
         self._refresh_multipliers()
         self.apply_masks()
 
     # --- internals -----------------------------------------------------------------------
+    def _layout(self) -> None:
+        """Find which weights are sharded and where every rank's block of each lies.
+
+        ``sharded``: some masked weight is a DTensor sharded over a mesh dimension. Then
+        ``_blocks[name][r]`` is rank r's (offset, shape) (one all-gather at start-up) and
+        ``_groups[name]`` the process group of the ranks holding the other shards of that
+        weight (None for a replicated one), over which counts are summed."""
+        dims = {n: _shard_mesh_dim(p) for n, p in self.params.items()}
+        self.sharded = any(d is not None for d in dims.values())  # the same model on every rank
+        self._groups = {n: None if d is None else collectives.shard_group(self.params[n].device_mesh, d)
+                        for n, d in dims.items()}
+        if self.sharded:
+            mine = [local_block(p) for p in self.params.values()]
+            table = collectives.all_gather_objects(mine, self.group)
+            self._blocks = {n: [blocks[i] for blocks in table] for i, n in enumerate(self.params)}
+            self._numels = {n: [torch.Size(shape).numel() for _, shape in b] for n, b in self._blocks.items()}
+
+    def _gather(self, name: str, local: torch.Tensor) -> torch.Tensor | None:
+        """Layer ``name``'s full tensor from every rank's block, on rank 0's CPU (None elsewhere)."""
+        pieces = collectives.gather_shards(local, self._numels[name], self.group)
+        return None if pieces is None else assemble(pieces, self._blocks[name], self.shapes[name])
+
+    def _full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.sharded:
+            return {n: t.cpu() for n, t in tensors.items()}
+        return {n: assemble(collectives.gather_shards(t, self._numels[n], self.group, everywhere=True),
+                            self._blocks[n], self.shapes[n]) for n, t in tensors.items()}
+
+    def _table(self, masks: dict[str, torch.Tensor], fired: dict[str, torch.Tensor],
+               grown: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Per rank r (rows) and layer, the facts of r's blocks of the full masks, grown
+        positions and explored union: [ones of mask | ones of grown (0 if None) | checksum
+        of mask | checksum of explored union], int64 of shape (ranks, 4 x layers)."""
+        rows = []
+        for r in range(collectives.world_size(self.group)):
+            def block(t, name):
+                return t[region(*self._blocks[name][r])]
+            m = {n: block(masks[n], n) for n in self.shapes}
+            f = {n: block(fired[n], n) for n in self.shapes}
+            g = [int(block(grown[n], n).sum()) if grown is not None else 0 for n in self.shapes]
+            rows.append(torch.cat([torch.tensor([int(x.sum()) for x in m.values()] + g, dtype=torch.int64),
+                                   collectives.checksums(m), collectives.checksums(f)]))
+        return torch.stack(rows)
+
+    def _distribute(self, masks: dict[str, torch.Tensor] | None, fired: dict[str, torch.Tensor] | None,
+                    grown: dict[str, torch.Tensor] | None, with_grown: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """Rank 0's decision (full masks, the explored union they make, and with ``with_grown``
+        the grown positions; read on rank 0 only) to every rank's blocks: one broadcast of the
+        per-block counts and checksums (kept as the reference of later checks), then one
+        scatter per layer (and per layer of grown positions). Returns this rank's blocks."""
+        n = len(self.shapes)
+        table = self._table(masks, fired, grown) if collectives.is_rank0(self.group) else None
+        table = collectives.broadcast_int64(table, (collectives.world_size(self.group), 4 * n), self.group)
+        self._expected = table[:, 2 * n:]
+        local, local_grown = {}, {} if with_grown else None
+        for i, name in enumerate(self.shapes):
+            shapes = [shape for _, shape in self._blocks[name]]
+            for col, full, out in ((i, masks, local), (n + i, grown, local_grown)):
+                if out is None:
+                    continue
+                pieces = ([full[name][region(*b)].contiguous() for b in self._blocks[name]]
+                          if full is not None else None)
+                out[name] = collectives.scatter_masks(pieces, shapes, table[:, col].tolist(), self.group)
+        return local, local_grown
+
+    def _decide_replicated(self, method: Method) -> tuple[UpdateResult | None, dict[str, torch.Tensor],
+                                                          dict[str, torch.Tensor] | None]:
+        """Every rank holds whole masks: gather full weights (and gradients/momenta), rank 0
+        decides, the masks (and grown positions) are broadcast whole."""
+        weights = {n: full_tensor(p) for n, p in self.params.items()}
+        grads = {n: full_tensor(p.grad) if method.needs_grads else None for n, p in self.params.items()}
+        momenta = {n: full_tensor(self._momentum_score(p)) if method.needs_momenta else None
+                   for n, p in self.params.items()}
+        result = None
+        if collectives.is_rank0(self.group):
+            inputs = UpdateInputs(weights, dict(self.state.masks), grads, momenta,
+                                  self.state.step, self.state.updates + 1)
+            result = method.update(inputs)
+        new = collectives.broadcast_masks(result.masks if result else None, self.shapes, self.group)
+        grown = None
+        if self.config.regrow_reinit_zero:
+            grown = collectives.broadcast_masks(result.grown if result else None, self.shapes, self.group)
+        return result, new, grown
+
+    def _decide_sharded(self, method: Method) -> tuple[UpdateResult | None, dict[str, torch.Tensor],
+                                                       dict[str, torch.Tensor] | None]:
+        """Every rank holds blocks: each layer's weight (gradient, momentum) and mask and
+        explored-union blocks are gathered to rank 0's CPU one layer at a time (the device
+        holds about one layer extra), rank 0 decides on the full tensors as unsharded, and
+        each rank receives only its blocks of the new masks (and grown positions)."""
+        on_rank0 = collectives.is_rank0(self.group)
+        weights, grads, momenta, masks, fired = {}, {}, {}, {}, {}
+        for name, p in self.params.items():
+            weights[name] = self._gather(name, _local(p))
+            grads[name] = self._gather(name, _local(p.grad)) if method.needs_grads else None
+            momenta[name] = (self._gather(name, _local(self._momentum_score(p))) if method.needs_momenta
+                             else None)
+            masks[name] = self._gather(name, self.state.masks[name])
+            fired[name] = self._gather(name, self.state.fired[name])
+        result = None
+        if on_rank0:
+            result = method.update(UpdateInputs(weights, masks, grads, momenta, self.state.step,
+                                                self.state.updates + 1))
+            fired = {n: fired[n] | result.masks[n] for n in fired}
+        new, grown = self._distribute(result.masks if result else None, fired if result else None,
+                                      result.grown if result else None, self.config.regrow_reinit_zero)
+        return result, new, grown
+
+    def _check(self, explored: bool) -> None:
+        """Raise MaskMismatchError on every rank when a rank's masks (and, with ``explored``,
+        explored union) differ. Replicated: each rank's checksums against rank 0's. Sharded:
+        each rank's block checksums (masks and explored unions, always both: one collective)
+        against those of rank 0's last decision for that rank's blocks, so a block held by
+        one rank only is checked too, and HSDP replicas of a block are held to the same."""
+        if not self.sharded:
+            collectives.check_masks(self.state.masks, self.group)
+            if explored:
+                collectives.check_same(self.state.fired, "explored unions", self.group)
+            return
+        names = list(self.shapes)
+        local = torch.cat([collectives.checksums(self.state.masks), collectives.checksums(self.state.fired)])
+        collectives.check_against(local, self._expected, names * 2,
+                                  ["masks"] * len(names) + ["explored unions"] * len(names), self.group)
+
+    def _refresh_counts(self) -> None:
+        """Cache the exact per-layer counts of active and explored weights: this rank's
+        blocks' counts summed over each weight's shard group (one all-reduce per group; none
+        when replicated), so the numbers cost no collective when read."""
+        names = list(self.shapes)
+        local = torch.tensor([int(self.state.masks[n].sum()) for n in names]
+                             + [int(self.state.fired[n].sum()) for n in names], dtype=torch.int64)
+        counts = local.clone()
+        groups = {id(g): g for g in self._groups.values() if g is not None}  # in layer order
+        for key, group in groups.items():
+            cols = [i for i, n in enumerate(names) if id(self._groups[n]) == key]
+            cols += [len(names) + i for i in cols]
+            counts[cols] = collectives.sum_over_shards(local[cols], group)
+        self._counts = counts
+
     def _state_tensors(self, p: torch.Tensor) -> list[torch.Tensor]:
         """Every per-weight state tensor the optimizer keeps for ``p``: those of ``p``'s shape
         (SGD's momentum_buffer; Adam(W)'s exp_avg, exp_avg_sq, max_exp_avg_sq; Adagrad's sum;
@@ -280,19 +497,23 @@ class Sparsifier:
         raise RuntimeError("momentum growth needs an optimizer with momentum (SGD momentum > 0 or Adam)")
 
     def _refresh_multipliers(self) -> None:
+        """The multiplier of each weight's local block: its mask block (the whole mask when
+        replicated) as the weight's dtype, or as bool."""
         mode = self.config.apply_mode
         if mode == "auto":  # a float copy multiplies 2-3x faster than bool on CPU (benchmarks/)
             mode = "float"
         self._mult = {}
         for name, mask in self.state.masks.items():
-            shard = local_shard(mask, self.params[name]).to(_local(self.params[name]).device)
-            self._mult[name] = shard.to(self.params[name].dtype) if mode == "float" else shard
+            p = self.params[name]
+            block = mask.to(_local(p).device)
+            self._mult[name] = block.to(p.dtype) if mode == "float" else block
 
     def _zero(self, positions: dict[str, torch.Tensor]) -> None:
         """RigL's choice for regrown weights: value 0 and every optimizer state tensor 0
-        (momentum, Adam's moments), so a regrown weight starts afresh."""
+        (momentum, Adam's moments), so a regrown weight starts afresh. ``positions``: bool,
+        the shape of this rank's state masks."""
         for name, p in self.params.items():
-            where = local_shard(positions[name], p).to(_local(p).device)
+            where = positions[name].to(_local(p).device)
             _local(p).masked_fill_(where, 0)
             for buf in self._state_tensors(p):
                 _local(buf).masked_fill_(where, 0)

@@ -15,7 +15,9 @@ from itop_dist.topology import pack_bits, unpack_bits
 
 @dataclass
 class SparseState:
-    """masks[name], fired[name]: bool tensors with the parameter's full shape.
+    """masks[name], fired[name]: bool tensors with the parameter's full shape, or the shape of
+    this rank's shard of it when the Sparsifier shards the state (FSDP2); the numbers below
+    are then of this shard (``Sparsifier`` reduces them over the shards).
 
     ``fired`` is the union of every mask used so far (docs/algorithms.md §7): it only grows.
     step: optimizer steps taken; updates: mask updates done.
@@ -77,24 +79,32 @@ class SparseState:
         return {"masks": packed(self.masks), "fired": packed(self.fired),
                 "step": self.step, "updates": self.updates}
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore from :meth:`state_dict`; names and shapes must match this state's."""
+    @classmethod
+    def from_state_dict(cls, sd: dict, shapes: dict[str, tuple[int, ...]]) -> SparseState:
+        """The state :meth:`state_dict` saved, as CPU tensors; raise ValueError unless its names
+        and shapes are ``shapes`` (the model's full parameter shapes)."""
+        tensors = {}
         for key in ("masks", "fired"):
-            ours: dict[str, torch.Tensor] = getattr(self, key)
             theirs = sd[key]
-            if set(theirs) != set(ours):
-                missing = sorted(set(ours) - set(theirs))[:3]
-                extra = sorted(set(theirs) - set(ours))[:3]
+            if set(theirs) != set(shapes):
+                missing = sorted(set(shapes) - set(theirs))[:3]
+                extra = sorted(set(theirs) - set(shapes))[:3]
                 raise ValueError(
                     f"sparse checkpoint does not match this model: missing {missing}, "
                     f"unexpected {extra}; resume with the model it was saved from"
                 )
             for name, entry in theirs.items():
-                if list(entry["shape"]) != list(ours[name].shape):
+                if list(entry["shape"]) != list(shapes[name]):
                     raise ValueError(
                         f"sparse checkpoint: {name} has shape {entry['shape']} there but "
-                        f"{list(ours[name].shape)} here; resume with the model it was saved from"
+                        f"{list(shapes[name])} here; resume with the model it was saved from"
                     )
-                ours[name] = unpack_bits(entry["bits"], entry["shape"]).to(ours[name].device)
-        self.step = int(sd["step"])
-        self.updates = int(sd["updates"])
+            tensors[key] = {n: unpack_bits(theirs[n]["bits"], theirs[n]["shape"]) for n in shapes}
+        return cls(tensors["masks"], tensors["fired"], int(sd["step"]), int(sd["updates"]))
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore from :meth:`state_dict`; names and shapes must match this state's (ValueError)."""
+        whole = SparseState.from_state_dict(sd, {n: tuple(m.shape) for n, m in self.masks.items()})
+        self.masks = {n: m.to(self.masks[n].device) for n, m in whole.masks.items()}
+        self.fired = {n: f.to(self.fired[n].device) for n, f in whole.fired.items()}
+        self.step, self.updates = whole.step, whole.updates

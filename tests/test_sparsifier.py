@@ -7,10 +7,13 @@ import pathlib
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 from itop_dist import (PruneRateSchedule, SparseConfig, Sparsifier, UpdateSchedule, list_methods,
                        total_steps)
+from itop_dist.sparsifier import assemble, local_block, region
 from itop_dist.suptickets import ReExplore
 from itop_dist.topology import GROW_FNS, PRUNE_FNS
 
@@ -473,3 +476,85 @@ def test_canonical_name_removes_whole_wrapper_components_only(wrapped, name):
     from itop_dist.sparsifier import canonical_name
 
     assert canonical_name(wrapped) == name
+
+
+# --- the sharded state in one process (two-process runs: test_sharded_state.py) ----------------
+
+
+def test_assemble_puts_each_rank_block_in_place():
+    full = torch.arange(7 * 3).reshape(7, 3)
+    c = math.ceil(7 / 4)  # FSDP's dim-0 chunks over 4 ranks: 2, 2, 2, 1 rows
+    blocks = [((min(r * c, 7), 0), (max(0, min(c, 7 - r * c)), 3)) for r in range(4)]
+    pieces = [full[region(*b)].reshape(-1) for b in blocks]
+    assert [p.numel() for p in pieces] == [6, 6, 6, 3]
+    assert torch.equal(assemble(pieces, blocks, (7, 3)), full)
+    # HSDP: two replicas of 2 shards; each block arrives twice, identically
+    c = math.ceil(7 / 2)
+    halves = [((r * c, 0), (min(c, 7 - r * c), 3)) for r in range(2)]
+    assert torch.equal(assemble([full[region(*b)] for b in halves * 2], halves * 2, (7, 3)), full)
+    # a rank with no rows (more ranks than rows)
+    empty = [((0, 0), (1, 3)), ((1, 0), (0, 3))]
+    assert torch.equal(assemble([full[:1], full[1:1]], empty, (1, 3)), full[:1])
+
+
+class ShardedMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def train_sharded(sharded: bool, config: SparseConfig, steps: int = 12) -> Sparsifier:
+    torch.manual_seed(0)
+    model = ShardedMLP()
+    if sharded:
+        for m in (model.fc1, model.fc2, model):
+            fully_shard(m)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = Sparsifier(model, optimizer, config, total_steps=steps, epoch_steps=4)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sp.step()
+    return sp
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config", [
+    SparseConfig(density=0.2, growth="gradient", update_frequency=3, regrow_reinit_zero=True),
+    SparseConfig(method="GraNet", density=0.5, final_density=0.1, growth="momentum", update_frequency=2,
+                 init_prune_epoch=0, final_prune_epoch=2),
+], ids=["rigl", "granet"])
+def test_sharded_path_decides_as_the_replicated_one_and_checkpoints_interchange(single_rank_group, config):
+    """A world-size-1 FSDP2 wrap takes the sharded path (gather, decide, scatter, checks) on
+    shards that happen to be whole: the same masks, numbers and checkpoints as without it."""
+    sharded, plain = train_sharded(True, config), train_sharded(False, config)
+    assert sharded.sharded and not plain.sharded
+    assert local_block(sharded.params["fc2.weight"]) == ((0, 0), (32, 32))
+    for name, m in plain.masks.items():
+        assert torch.equal(sharded.full_masks()[name], m) and torch.equal(sharded.full_fired()[name],
+                                                                          plain.state.fired[name])
+    assert sharded.state.updates == plain.state.updates > 0
+    assert (sharded.density, sharded.itop_rate, sharded.layer_densities(), sharded.nonzeros()) == (
+        plain.density, plain.itop_rate, plain.layer_densities(), plain.nonzeros())
+    assert sharded.itop_rate > sharded.density
+    sharded.verify()
+    fresh = train_sharded(True, config, steps=1)
+    fresh.load_state_dict(plain.state_dict())  # an unsharded checkpoint into a sharded run
+    assert all(torch.equal(fresh.masks[n], m) for n, m in plain.masks.items())
+    fresh.verify()
+    back = train_sharded(False, config, steps=1)
+    back.load_state_dict(sharded.state_dict())  # and back
+    assert all(torch.equal(back.state.fired[n], f) for n, f in plain.state.fired.items())
+    assert back.state.step == plain.state.step and back.itop_rate == plain.itop_rate

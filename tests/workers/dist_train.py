@@ -1,8 +1,11 @@
 """Run the real trainer on this rank, then write what this rank ends with to <out>/rank<R>.pt.
 
 Used by tests/test_distributed.py under ``accelerate launch``. Arguments are itop-train flags;
-``--corrupt-at STEP`` flips one mask bit on rank 1 just before that step's sparse hook, as a
-stand-in for a silent divergence, and the error each rank then raises goes to rank<R>.err.
+``--corrupt-at STEP`` flips one mask bit on rank 1 just before that step's sparse hook (in its
+local shard of the second layer when the state is sharded), as a stand-in for a silent
+divergence, and the error each rank then raises goes to rank<R>.err. The masks and explored
+union written are the full ones (gathered when sharded); ``sparse_state_bytes`` is what this
+rank holds of them, ``sparse_state_full_bytes`` what the full state takes.
 """
 
 import pathlib
@@ -45,10 +48,14 @@ def main(argv: list[str]) -> int:
         return 1
     shards = {n: (p.to_local().numel(), p.numel()) for n, p in trainer.model.named_parameters()
               if isinstance(p, DTensor)}
+    masks, fired = (sp.full_masks(), sp.full_fired()) if sp else ({}, {})  # collectives: every rank
     torch.save({
         "summary": summary,
-        "masks": {n: m.cpu() for n, m in sp.masks.items()} if sp else {},
-        "fired": {n: f.cpu() for n, f in sp.state.fired.items()} if sp else {},
+        "masks": masks,
+        "fired": fired,
+        "sparse_state_bytes": sum(t.nbytes for t in [*sp.state.masks.values(), *sp.state.fired.values()])
+        if sp else 0,
+        "sparse_state_full_bytes": sum(t.nbytes for t in [*masks.values(), *fired.values()]),
         "weights": {canonical_name(n): full_tensor(p).detach().cpu()
                     for n, p in trainer.model.named_parameters()},
         "shards": shards,
