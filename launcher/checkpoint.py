@@ -12,14 +12,19 @@ Layout of one checkpoint (every rank calls :meth:`Checkpointer.save` and :meth:`
         supertickets.safetensors + .json Sup-tickets' superposed model (Sup-tickets runs only)
         scaler.json                      fp16 loss scale (fp16 runs only)
         rng_state-<rank>.safetensors + .json   each rank's torch/python/numpy RNG
+        model-shard-<rank>.*, optimizer-shard-<rank>.*   instead of model.* and optimizer.* in
+                                         sharded runs: each rank's blocks, no rank gathers
         meta.json                        step, epoch, accuracy, the run's configuration
         manifest.json                    size and SHA-256 of every file above, written last
 
 Each piece is a ``state_dict`` split into its tensors (safetensors) and the rest (JSON), so
 loading a checkpoint parses data and never runs code from it (no pickle anywhere: files written
-by other tools, e.g. Accelerate's ``*.pkl``/``*.bin``, are never read). Replicated (DDP) and
-sharded (FSDP) runs write the same full-state layout through
-``torch.distributed.checkpoint.state_dict``, so either resumes as the other.
+by other tools, e.g. Accelerate's ``*.pkl``/``*.bin``, are never read). Replicated runs write
+the full state (rank 0); sharded runs (the ZeRO stages) write each rank's blocks of the model and
+optimizer state as :class:`Shard` entries (global shape and offset in the JSON, the block in
+safetensors), so no rank ever holds the whole model. Either layout loads into any stage and
+world size: a sharded loader reads only the slices of its own block from each file
+(:class:`LazyTensor`), a replicated one assembles whole tensors.
 
 Safety: a checkpoint is written into ``.tmp-step-N``, its manifest last, and renamed to
 ``step-N`` only when every rank has written its part; a complete checkpoint is never deleted
@@ -42,11 +47,13 @@ import re
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from itop_dist import collectives
@@ -75,14 +82,29 @@ class Stateful(Protocol):
 # A state dict as tensors (safetensors) plus structure (JSON): loading runs no code.
 
 
+@dataclass
+class Shard:
+    """One rank's block of a larger tensor, for a sharded checkpoint: ``data`` is the block at
+    ``offset`` (one index per dimension) of a tensor of ``shape``. A whole tensor kept by one
+    rank (ZeRO-1's optimizer state) is a block at offset 0 of its own shape."""
+
+    data: torch.Tensor
+    shape: tuple[int, ...]
+    offset: tuple[int, ...]
+
+
 def split_state(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
     """``(skeleton, tensors)``: ``tree`` (nested dicts with str keys, lists, tuples, tensors,
-    numbers, str, None) with every tensor replaced by ``{"__tensor__": key}``; ``tensors`` maps
+    :class:`Shard`, numbers, str, None) with every tensor replaced by ``{"__tensor__": key}``
+    and every Shard by ``{"__shard__": key, "shape": [...], "offset": [...]}``; ``tensors`` maps
     those keys (the path, ``/``-joined) to contiguous CPU copies. Raises TypeError for anything
     else (a bug: every saved object must be plain data)."""
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(value, path):
+        if isinstance(value, Shard):
+            tensors[path] = value.data.detach().to("cpu", copy=True).contiguous()
+            return {"__shard__": path, "shape": list(value.shape), "offset": list(value.offset)}
         if isinstance(value, torch.Tensor):
             tensors[path] = value.detach().to("cpu", copy=True).contiguous()
             return {"__tensor__": path}
@@ -111,6 +133,123 @@ def join_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
+class LazyTensor:
+    """A tensor of a sharded checkpoint, read on demand from the ranks' files: ``region`` reads
+    only the slices of each block that overlap the asked block (safetensors' lazy slicing),
+    ``full`` the whole tensor. ``shape``: the tensor's global shape."""
+
+    def __init__(self, shape: tuple[int, ...], blocks: list[tuple[pathlib.Path, str, tuple[int, ...], tuple[int, ...]]],
+                 where: pathlib.Path) -> None:
+        self.shape, self.blocks, self.where = tuple(shape), blocks, where  # blocks: (file, key, offset, shape)
+
+    def full(self) -> torch.Tensor:
+        return self.region((0,) * len(self.shape), self.shape)
+
+    def region(self, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """The block of ``shape`` at ``offset``. Raises CheckpointError when the files do not
+        cover it exactly once (a missing or overlapping block: a damaged checkpoint)."""
+        out, covered = None, 0
+        for file, key, b_offset, b_shape in self.blocks:
+            lo = [max(a, b) for a, b in zip(offset, b_offset)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(offset, shape, b_offset, b_shape)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            with safe_open(str(file), framework="pt") as f:  # reads the overlap only
+                piece = (f.get_slice(key)[tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, b_offset))]
+                         if shape else f.get_tensor(key))
+            if out is None:
+                out = torch.empty(shape, dtype=piece.dtype)
+            out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offset))] = piece
+            covered += piece.numel()
+        if out is None or covered != torch.Size(shape).numel():
+            raise CheckpointError(f"{self.where}: the blocks of a tensor of shape {list(self.shape)} do not "
+                                  f"cover its part at {list(offset)} of shape {list(shape)} exactly once; "
+                                  f"resume from another checkpoint")
+        return out
+
+
+def full_tensors(tree: Any) -> Any:
+    """``tree`` with every :class:`LazyTensor` read whole (for replicated runs and tools)."""
+    if isinstance(tree, LazyTensor):
+        return tree.full()
+    if isinstance(tree, dict):
+        return {k: full_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [full_tensors(v) for v in tree]
+    return tree
+
+
+def _merge(a: Any, b: Any, where: pathlib.Path) -> Any:
+    """Two ranks' skeletons of one sharded piece as one: dicts are united, the blocks of one
+    tensor collected; anything else must be equal."""
+    if _is_blocks(a) and _is_blocks(b):
+        if a["shape"] != b["shape"]:
+            raise CheckpointError(f"{where}: ranks disagree on the shape of a tensor ({a['shape']} vs "
+                                  f"{b['shape']}); resume from another checkpoint")
+        return {**a, "blocks": a["blocks"] + b["blocks"]}
+    if isinstance(a, dict) and isinstance(b, dict) and not _is_blocks(a) and not _is_blocks(b):
+        return {k: _merge(a[k], b[k], where) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+    if a != b:
+        raise CheckpointError(f"{where}: ranks wrote different values for one setting; resume from "
+                              f"another checkpoint")
+    return a
+
+
+def _is_blocks(x: Any) -> bool:
+    return isinstance(x, dict) and "__blocks__" in x
+
+
+def read_sharded_state(folder: pathlib.Path, name: str) -> Any:
+    """The state of piece ``name`` written by every rank as ``name-shard-<rank>``: one tree
+    whose tensors are :class:`LazyTensor` (nothing but the JSON is read here). Raises
+    CheckpointError naming the file if a part is missing or malformed."""
+    files = sorted(folder.glob(f"{name}-shard-*.json"))
+    if not files:
+        raise CheckpointError(f"{folder / name}.json is missing; resume from another checkpoint")
+
+    def blocks_of(skeleton: Any, tensor_file: pathlib.Path) -> Any:
+        if isinstance(skeleton, dict) and "__shard__" in skeleton:
+            try:
+                offset, shape = [int(x) for x in skeleton["offset"]], [int(x) for x in skeleton["shape"]]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{tensor_file.with_suffix('.json')}: a malformed block; resume from "
+                                      f"another checkpoint") from None
+            with safe_open(str(tensor_file), framework="pt") as f:
+                b_shape = tuple(f.get_slice(skeleton["__shard__"]).get_shape())
+            return {"__blocks__": True, "shape": shape, "blocks": [(tensor_file, skeleton["__shard__"], tuple(offset), b_shape)]}
+        if isinstance(skeleton, dict) and set(skeleton) == {"__tensor__"}:
+            return {"__blocks__": True, "shape": None, "blocks": [(tensor_file, skeleton["__tensor__"], None, None)]}
+        if isinstance(skeleton, dict):
+            return {k: blocks_of(v, tensor_file) for k, v in skeleton.items()}
+        if isinstance(skeleton, list):
+            return [blocks_of(v, tensor_file) for v in skeleton]
+        return skeleton
+
+    merged: Any = None
+    for file in files:
+        part = blocks_of(_read_json(file), file.with_suffix(".safetensors"))
+        merged = part if merged is None else _merge(merged, part, folder / name)
+
+    def lazy(tree: Any) -> Any:
+        if _is_blocks(tree):
+            if tree["shape"] is None:  # a whole tensor rank 0 wrote (a buffer, a scalar)
+                (file, key, _, _), = tree["blocks"][:1]
+                with safe_open(str(file), framework="pt") as f:
+                    return f.get_tensor(key)
+            return LazyTensor(tuple(tree["shape"]), tree["blocks"], folder / f"{name}-shard-*")
+        if isinstance(tree, dict):
+            return {k: lazy(v) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [lazy(v) for v in tree]
+        return tree
+
+    try:
+        return lazy(merged)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{folder / name}-shard-*: not valid safetensors ({_first_line(err)}); "
+                              f"resume from another checkpoint") from None
+
+
 def write_state(folder: pathlib.Path, name: str, state: dict) -> list[str]:
     """Write ``state`` as ``name.json`` (+ ``name.safetensors`` if it holds tensors); returns
     the file names written."""
@@ -131,10 +270,15 @@ def write_state(folder: pathlib.Path, name: str, state: dict) -> list[str]:
     return written
 
 
-def read_state(folder: pathlib.Path, name: str) -> dict:
-    """Read what :func:`write_state` wrote. Raises CheckpointError naming the file if it is
-    missing or not what it should be (never executes anything from it)."""
+def read_state(folder: pathlib.Path, name: str, lazy: bool = False) -> dict:
+    """Read what :func:`write_state` wrote, or the blocks every rank wrote of a sharded piece
+    (``name-shard-<rank>``): as :class:`LazyTensor` if ``lazy``, else whole tensors. Raises
+    CheckpointError naming the file if it is missing or not what it should be (never executes
+    anything from it)."""
     path = folder / f"{name}.json"
+    if not path.exists() and any(folder.glob(f"{name}-shard-*.json")):
+        state = read_sharded_state(folder, name)
+        return state if lazy else full_tensors(state)
     skeleton = _read_json(path)
     tensor_path = folder / f"{name}.safetensors"
     tensors: dict[str, torch.Tensor] = {}
@@ -247,9 +391,10 @@ class Checkpointer:
 
     Register every piece of the run's state with :meth:`register` (the same names, in any order,
     on every rank); ``setting`` names the flag that makes a piece exist, for the message when a
-    checkpoint and a run disagree. ``per_rank`` pieces are written by every rank (RNG), the others
-    by rank 0 from a state every rank computed (the full model and optimizer state are gathered
-    by a collective inside their ``state_dict``).
+    checkpoint and a run disagree. ``per_rank`` pieces are written by every rank (RNG);
+    ``sharded`` ones by every rank too, each its blocks (:class:`Shard`), and loaded from all
+    ranks' files as :class:`LazyTensor`; the others by rank 0 from a state every rank computed
+    (a replicated model's state).
     """
 
     def __init__(self, run_dir: pathlib.Path, keep_last: int, rank: int = 0, world_size: int = 1) -> None:
@@ -258,15 +403,20 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.pieces: dict[str, tuple[Stateful, str, bool]] = {}
         self.plain: set[str] = set()
+        self.sharded: set[str] = set()
 
     def register(self, name: str, obj: Stateful, setting: str = "", per_rank: bool = False,
-                 plain: bool = False) -> None:
+                 plain: bool = False, sharded: bool = False) -> None:
         """``plain``: a small state of numbers and strings whose keys and types are checked
         against the object's own ``state_dict()`` before loading (a crafted or damaged file
-        stops the resume instead of surfacing as a wrong type later)."""
+        stops the resume instead of surfacing as a wrong type later). ``sharded``: each rank
+        writes its own blocks; ``load_state_dict`` gets :class:`LazyTensor` leaves from a
+        sharded checkpoint and whole tensors from a replicated one."""
         self.pieces[name] = (obj, setting, per_rank)
         if plain:
             self.plain.add(name)
+        if sharded:
+            self.sharded.add(name)
 
     # --- finding ---------------------------------------------------------------------------
     def step_dirs(self) -> list[pathlib.Path]:
@@ -353,6 +503,8 @@ class Checkpointer:
                 for name, (_, _, per_rank) in self.pieces.items():
                     if per_rank:
                         files += write_state(tmp, f"{name}-{self.rank}", states[name])
+                    elif name in self.sharded:
+                        files += write_state(tmp, f"{name}-shard-{self.rank}", states[name])
                     elif self.rank == 0:
                         files += write_state(tmp, name, states[name])
         except OSError as err:
@@ -419,7 +571,7 @@ class Checkpointer:
                 file = f"{name}-{self.rank}" if per_rank else name
                 if per_rank and not (path / f"{file}.json").exists():
                     continue  # more ranks than the run that saved it: this rank keeps its own RNG
-                states[name] = read_state(path, file)
+                states[name] = read_state(path, file, lazy=name in self.sharded)
                 if name in self.plain:
                     _check_like(states[name], self.pieces[name][0].state_dict(), path / f"{file}.json")
             meta = _read_json(path / META)

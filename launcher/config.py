@@ -37,7 +37,6 @@ from itop_dist import SparseConfig
 from itop_dist.config import APPLY_MODES, DECAY_SCHEDULES, REDISTRIBUTIONS
 from itop_dist.methods import METHODS
 from itop_dist.topology import DENSITY_RULES, GROW_FNS, PRUNE_FNS
-from launcher.parallel import FSDP_STAGES, STAGES
 
 Init = Literal[INITS]  # ImageNet ResNet-50's initialisations
 
@@ -480,6 +479,10 @@ TRUE_FALSE = ("model.channels_last", "data.channels_last", "sparsity.exact_init"
               "optim.nesterov", "optim.bn_weight_decay")
 
 # The papers' flags that stand for another flag and its value.
+# The ZeRO stages of --sharding (launcher/parallel.py applies them).
+STAGES = ("ddp", "zero1", "zero2", "zero3", "hsdp")
+FSDP_STAGES = ("zero2", "zero3", "hsdp")  # parameters are DTensors
+
 SHORTHANDS = {"--fix": ("--method", "static"), "--fp16": ("--mixed-precision", "fp16"), "--dense": ("--no-sparse",)}
 
 PRESETS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "presets"

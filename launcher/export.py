@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from launcher.checkpoint import MANIFEST, CheckpointError, verify
+from launcher.checkpoint import MANIFEST, CheckpointError, read_state, verify
 from launcher.config import print_error
 from launcher.evaluate import (ERRORS, add_data_flags, build_model, default_shape, evaluate,
                                first_mismatch, load_checkpoint, load_into, model_dataset,
@@ -117,14 +117,18 @@ def export(checkpoint: pathlib.Path, output: pathlib.Path, force: bool = False, 
 
 def initial_weights_file(path: str | os.PathLike) -> tuple[pathlib.Path, bool]:
     """(the model.safetensors file to start from, whether it comes from a checkpoint folder)
-    for a model.safetensors file, an itop-export folder or a checkpoint folder."""
+    for a model.safetensors file, an itop-export folder or a checkpoint folder; for a sharded
+    checkpoint folder, its first ``model-shard-*`` file (the model is read from all of them)."""
     p = pathlib.Path(path)
     if p.is_file():
         return p, False
     if p.is_dir() and (p / "model.safetensors").is_file():
         return p / "model.safetensors", (p / MANIFEST).is_file()
+    shards = sorted(p.glob("model-shard-*.json")) if p.is_dir() and (p / MANIFEST).is_file() else []
+    if shards:
+        return shards[0].with_suffix(".safetensors"), True
     raise CheckpointError(f"--initial-checkpoint: {p} is neither a model.safetensors file nor a folder holding "
-                     f"one (an itop-export folder or a checkpoints/step-N folder)")
+                          f"one (an itop-export folder or a checkpoints/step-N folder)")
 
 
 def load_initial_weights(model: torch.nn.Module, path: str, sparse: bool = False) -> str:
@@ -140,16 +144,21 @@ def load_initial_weights(model: torch.nn.Module, path: str, sparse: bool = False
             verify(file.parent)
         except CheckpointError as err:
             raise CheckpointError(f"--initial-checkpoint: {one_line(err)}") from None
+    sharded = file.name.startswith("model-shard-")
     try:
-        state = load_file(str(file))
+        state = read_state(file.parent, "model") if sharded else load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"--initial-checkpoint: {file} is not a safetensors file ({one_line(err)})") from None
+    except CheckpointError as err:
+        raise CheckpointError(f"--initial-checkpoint: {one_line(err)}") from None
+    if sharded:
+        file = file.parent  # every rank's blocks, assembled
     why = first_mismatch(model, state)
     if why is not None:
         raise CheckpointError(f"--initial-checkpoint: {file} does not fit this --model: {why}")
     model.load_state_dict(state, strict=True)
     line = f"initial weights: {file} ({len(state)} tensors)"
-    if sparse and (file.parent / "masks.safetensors").is_file():
+    if sparse and not sharded and (file.parent / "masks.safetensors").is_file():
         line += "; its masks.safetensors is not used: the run's --sparse-init decides the masks"
     return line
 

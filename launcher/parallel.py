@@ -27,15 +27,17 @@ from torch import nn
 
 from itop_dist import collectives
 from itop_dist.sparsifier import canonical_name
+from launcher.checkpoint import LazyTensor, Shard, full_tensors
+from launcher.config import FSDP_STAGES
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-STAGES = ("ddp", "zero1", "zero2", "zero3", "hsdp")
-FSDP_STAGES = ("zero2", "zero3", "hsdp")  # parameters are DTensors
 
 
 def shard_mesh(stage: str, device_type: str, world_size: int, shard_group_size: int) -> DeviceMesh | None:
@@ -101,44 +103,107 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in sd.items()}
 
 
+def _block(t: torch.Tensor) -> torch.Tensor | Shard | None:
+    """What this rank writes of ``t`` to a sharded checkpoint: its block of a DTensor (None on
+    every replica but the first of an hsdp mesh, and for an empty block), a plain tensor (the
+    same on every rank: a buffer, a step count) on rank 0 only."""
+    if not isinstance(t, DTensor):
+        return t.detach().cpu() if collectives.is_rank0() else None
+    coordinate = t.device_mesh.get_coordinate()
+    if coordinate is None or any(c and isinstance(p, Replicate) for c, p in zip(coordinate, t.placements)):
+        return None
+    local = t.to_local()
+    if local.numel() == 0:
+        return None
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return Shard(local.detach().cpu(), tuple(t.shape), tuple(offset))
+
+
+def _blocks(tree: dict) -> dict:
+    """:func:`_block` of every tensor of a (nested) state dict; what this rank does not write
+    is left out."""
+    out = {}
+    for k, v in tree.items():
+        value = _blocks(v) if isinstance(v, dict) else _block(v) if isinstance(v, torch.Tensor) else v
+        if value is not None:
+            out[k] = value
+    return out
+
+
+def _local_part(value: torch.Tensor | LazyTensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    """``value`` (a checkpoint's whole tensor or :class:`LazyTensor`) as ``like`` holds it: this
+    rank's block as a DTensor sharded like ``like``, or the whole tensor. Only the block is
+    read from a sharded checkpoint. Raises ValueError for another global shape."""
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(f"{name} has shape {list(value.shape)} in the checkpoint but {list(like.shape)} "
+                         f"here; resume with the model it was saved from")
+    if not isinstance(like, DTensor):
+        return (value.full() if isinstance(value, LazyTensor) else value).to(like.device)
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    if isinstance(value, LazyTensor):
+        local = value.region(tuple(offset), tuple(shape))
+    else:
+        local = value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    return DTensor.from_local(local.to(like.to_local().device, like.dtype), like.device_mesh, like.placements,
+                              shape=like.shape, stride=like.stride())
+
+
 class ModelState:
-    """The model's full (unsharded) state for checkpoints, the same for replicated and sharded
-    runs: parameter names without wrapper prefixes (``module.``), full tensors on the CPU.
+    """The model's state for checkpoints, by parameter name without wrapper prefixes
+    (``module.``), for every stage: a replicated model's whole tensors (rank 0 writes them), a
+    sharded model's blocks (each rank writes its own, :class:`launcher.checkpoint.Shard`;
+    no rank gathers the model). ``load_state_dict`` takes either layout and keeps what this
+    rank holds, so a checkpoint of any stage and world size loads into any other."""
 
-    ``state_dict`` is a collective under FSDP (every rank calls it; rank 0 gets the full state,
-    the others an empty dict); ``load_state_dict`` takes the full state on every rank and keeps
-    each rank's shard. So a checkpoint of any world size or mode loads into any other.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, sharded: bool = False) -> None:
+        self.model, self.sharded = model, sharded
 
     def state_dict(self) -> dict:
+        if self.sharded:
+            return _blocks(get_model_state_dict(self.model))
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dict(self, sd: dict) -> None:
-        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True))
+        current = get_model_state_dict(self.model)
+        missing = sorted(set(current) - set(sd))[:3]
+        if missing:
+            raise ValueError(f"the checkpoint's model lacks {missing}; resume with the model it was saved from")
+        set_model_state_dict(self.model, {k: _local_part(sd[k], like, k) for k, like in current.items()})
 
 
 class OptimizerState:
-    """The optimizer's full state keyed by parameter name (``torch.distributed.checkpoint``'s
-    layout: ``{"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}]}``), the
-    same for every stage, so a checkpoint of one stage resumes in any other; collectives as
-    :class:`ModelState`. ZeRO-1's state is consolidated on rank 0 and put in that layout."""
+    """The optimizer's state keyed by parameter name (``torch.distributed.checkpoint``'s
+    layout: ``{"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}]}``), for
+    every stage: whole on rank 0 (ddp), or each rank's blocks (the FSDP2 stages: its shard of
+    every state tensor; zero1: the whole state of the parameters it owns). Loads from either
+    layout into any stage, each rank reading what it holds."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool = False) -> None:
+        self.model, self.optimizer, self.sharded = model, optimizer, sharded
 
     def state_dict(self) -> dict:
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):
             return self._zero1_state_dict()
+        if self.sharded:
+            return _blocks(get_optimizer_state_dict(self.model, self.optimizer))
         return get_optimizer_state_dict(self.model, self.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dict(self, sd: dict) -> None:
         if isinstance(self.optimizer, ZeroRedundancyOptimizer):
             return self._zero1_load(sd)
-        set_optimizer_state_dict(self.model, self.optimizer, sd, options=StateDictOptions(full_state_dict=True))
+        params = {canonical_name(n): p for n, p in self.model.named_parameters()}
+        state = {}
+        for name, entry in sd["state"].items():
+            if name not in params:
+                raise ValueError(f"the checkpoint's optimizer has state for {name!r}, which this model lacks; "
+                                 f"resume with the model it was saved from")
+            p = params[name]
+            state[name] = {k: _local_part(v, p, f"{name}/{k}") if tuple(getattr(v, "shape", ())) == tuple(p.shape)
+                           else full_tensors(v) for k, v in entry.items()}
+        options = StateDictOptions(full_state_dict=not self.sharded)
+        set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": sd["param_groups"]},
+                                 options=options)
 
     def _names(self) -> list[str]:
         """Parameter names in the optimizer's own order (its index of each parameter)."""
@@ -146,19 +211,33 @@ class OptimizerState:
         return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     def _zero1_state_dict(self) -> dict:
-        self.optimizer.consolidate_state_dict(to=0)
+        """Each rank's own parameters' whole state (a block at offset 0); the groups on rank 0."""
+        names, own = self._names(), self.optimizer.optim.state
+        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        state = {names[index[id(p)]]: {k: Shard(v, tuple(v.shape), (0,) * v.dim()) if isinstance(v, torch.Tensor) else v
+                                       for k, v in s.items()} for p, s in own.items()}
         if not collectives.is_rank0():
-            return {}
-        sd, names = self.optimizer.state_dict(), self._names()
-        state = {names[i]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                 for i, s in sd["state"].items()}
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
-                  for g in sd["param_groups"]]
+            return {"state": state}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names[start:start + len(g["params"])]}
+                  for g, start in zip(self.optimizer.param_groups, _starts(self.optimizer.param_groups))]
         return {"state": state, "param_groups": groups}
 
     def _zero1_load(self, sd: dict) -> None:
-        index = {n: i for i, n in enumerate(self._names())}
+        """ZeRO-1 keeps only its own parameters' state: only those are read."""
+        names = self._names()
+        index = {n: i for i, n in enumerate(names)}
+        own = {index[canonical_name(n)] for n, p in self.model.named_parameters()
+               if self.optimizer._param_to_rank[p] == self.optimizer.rank}
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
                   for g in sd["param_groups"]]
-        self.optimizer.load_state_dict({"state": {index[n]: dict(s) for n, s in sd["state"].items()},
-                                        "param_groups": groups})
+        state = {index[n]: full_tensors(s) for n, s in sd["state"].items() if index[n] in own}
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _starts(groups: list[dict]) -> list[int]:
+    """The optimizer's index of each group's first parameter."""
+    starts, n = [], 0
+    for g in groups:
+        starts.append(n)
+        n += len(g["params"])
+    return starts

@@ -33,12 +33,12 @@ from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, maskab
 from itop_dist.schedules import schedule_problem
 from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
-from launcher.config import ConfigError, TrainConfig, flat_config, save_config
+from launcher.config import FSDP_STAGES, ConfigError, TrainConfig, flat_config, save_config
 from launcher import plots
 from launcher.evaluate import model_dataset
 from launcher.events import Event, build_plugins
 from launcher.lr_schedule import lr_factor
-from launcher.parallel import (FSDP_STAGES, ModelState, OptimizerState, apply_fsdp, full_state_dict,
+from launcher.parallel import (ModelState, OptimizerState, apply_fsdp, full_state_dict,
                                local_optimizer, shard_mesh, zero1_optimizer)
 import launcher.plugins  # noqa: F401  (registers the built-in plug-ins)
 from launcher.preemption import Preemption
@@ -274,8 +274,10 @@ class Trainer:
     def _build_checkpointer(self) -> Checkpointer:
         acc = self.accelerator
         ck = Checkpointer(self.run_dir, self.cfg.checkpoint.keep_last, acc.process_index, acc.num_processes)
-        ck.register("model", ModelState(self.model))
-        ck.register("optimizer", OptimizerState(self.model, self.raw_optimizer))
+        # Sharded stages write each rank's blocks: no rank gathers the model or optimizer state.
+        ck.register("model", ModelState(self.model, self.sharded), sharded=self.sharded)
+        ck.register("optimizer", OptimizerState(self.model, self.raw_optimizer, self.sharded),
+                    sharded=self.stage != "ddp")
         ck.register("scheduler", self.scheduler, plain=True)
         ck.register("train_state", self.state, plain=True)
         if self.sparsifier is not None:

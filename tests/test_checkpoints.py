@@ -543,3 +543,22 @@ def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys)
     assert afile.read_text() == "mine"
     assert main(shlex.split(f"{args} --output-dir {afile / 'run'}")) == 2
     assert "cannot write there" in capsys.readouterr().err
+
+
+def test_a_sharded_piece_is_read_block_by_block(tmp_path):
+    """Each rank's blocks (FSDP's uneven dim-0 chunks: rows 0-3 and 4-6 of 7) come back whole,
+    or as any region read from the overlapping blocks only; a missing block is refused."""
+    from launcher.checkpoint import Shard, write_state
+
+    full = torch.arange(21, dtype=torch.float32).reshape(7, 3)
+    write_state(tmp_path, "model-shard-0", {"w": Shard(full[:4], (7, 3), (0, 0)), "b": torch.tensor([1.0, 2.0])})
+    write_state(tmp_path, "model-shard-1", {"w": Shard(full[4:], (7, 3), (4, 0))})
+    lazy = read_state(tmp_path, "model", lazy=True)
+    assert torch.equal(lazy["w"].region((3, 1), (3, 2)), full[3:6, 1:])  # across both blocks
+    assert torch.equal(lazy["w"].region((5, 0), (2, 3)), full[5:])  # from rank 1's block only
+    assert torch.equal(read_state(tmp_path, "model")["w"], full)
+    assert torch.equal(lazy["b"], torch.tensor([1.0, 2.0]))
+    for suffix in (".json", ".safetensors"):
+        (tmp_path / f"model-shard-1{suffix}").unlink()
+    with pytest.raises(CheckpointError, match=r"do not cover its part at \[0, 0\] of shape \[7, 3\] exactly once"):
+        read_state(tmp_path, "model")

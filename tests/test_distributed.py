@@ -93,7 +93,7 @@ def runs(tmp_path_factory):
         n = processes or STAGES[stage]
         key = (stage, method, kind, n)
         if key not in done:
-            out = root / "-".join(map(str, key))
+            out = root / f"{stage}-{'granet' if 'GraNet' in method else 'rigl'}-{kind}-{n}"
             launch(out, f"{stage_args(stage)} {method}" + (" --max-steps 30" if kind == "part" else ""),
                    processes=n)
             done[key] = out

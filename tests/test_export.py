@@ -163,12 +163,23 @@ def test_a_sharded_two_process_run_evaluates_to_its_final_accuracy(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = summary(out)
-    assert final["world_size"] == 2 and final["sharding"] == "fsdp"
-    proc = run_cli("launcher.evaluate", str(last_checkpoint(out)), "--device", "cpu", "--json")
+    assert final["world_size"] == 2 and final["sharding"] == "zero3"
+    checkpoint = last_checkpoint(out)
+    assert not (checkpoint / "model.safetensors").exists()  # each rank wrote its blocks
+    assert sorted(p.name for p in checkpoint.glob("model-shard-*.safetensors")) == [
+        "model-shard-0.safetensors", "model-shard-1.safetensors"]
+    proc = run_cli("launcher.evaluate", str(checkpoint), "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["test"]["acc"] == pytest.approx(final["final_test_acc"], abs=1e-6)
     assert result["density"] == final["final_density"]
+    # itop-export assembles one plain state dict from the blocks; its card measures the same.
+    proc = run_cli("launcher.export", str(checkpoint), "--output", str(tmp_path / "export"))
+    assert proc.returncode == 0, proc.stderr
+    card = json.loads((tmp_path / "export" / "card.json").read_text())
+    assert card["accuracy"]["test_acc"] == pytest.approx(final["final_test_acc"], abs=1e-6)
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert exported["fc2.weight"].shape == (256, 256)
 
 
 def test_gmp_from_a_dense_export_starts_from_those_weights(dense_export, sparse_export, tmp_path):

@@ -623,7 +623,7 @@ IMPOSSIBLE = {
     "a density that leaves layers empty": ("--density 1e-5 --epochs 1 --update_frequency 10",
                                            "--density 1e-05 leaves 3 layer(s) without any weight (fc1.weight first"),
     "FSDP on one process": ("--sharding fsdp --epochs 1 --update_frequency 10",
-                            "--sharding fsdp needs at least 2 processes (this is 1)"),
+                            "--sharding zero3 needs at least 2 processes (this is 1)"),
 }
 
 
