@@ -146,7 +146,7 @@ class Trainer:
         self._build_optimizer_and_schedule(model)
         self.sparsifier = self._build_sparsity()
         self.flops = FlopsCounter(
-            layer_cost, self.sparsifier.state.layer_densities() if self.sparsifier else None)
+            layer_cost, self.sparsifier.layer_densities() if self.sparsifier else None)
         self.state = TrainState(micro_batch_global=self.loaders.train.batch_size * self.accelerator.num_processes,
                                 accumulate=cfg.optim.accumulate)
         self.checkpointer = self._build_checkpointer()
@@ -303,7 +303,7 @@ class Trainer:
         self.preemption = Preemption()
         self.state.wandb_id = self.tracker.start(cfg.to_dict(), self.state.wandb_id)
         if self.sparsifier is not None and self.state.step == 0:
-            self.tracker.log_layers(self.sparsifier.state.layer_densities(), step=0)
+            self.tracker.log_layers(self.sparsifier.layer_densities(), step=0)
         self._header()
         self.fire(Event.INIT)
 
@@ -320,7 +320,7 @@ class Trainer:
                                    self.steps_per_epoch * self.cfg.schedule.multiplier, sparsity.final_density)
         if problem:
             raise ConfigError(problem)
-        empty = [n for n, m in sp.masks.items() if not m.any()]
+        empty = [n for n, k in sp.nonzeros().items() if k == 0]
         if empty:
             density = sparsity.density
             while density < 1 and not all(m.any() for m in sp.method.__class__(
@@ -427,10 +427,10 @@ class Trainer:
         params = f"{info['params_total']:,} parameters"
         if self.sparsifier is not None:
             sp = self.sparsifier
-            info["params_masked"] = sp.state.masked_params
+            info["params_masked"] = sp.masked_params
             info["params_nonzero_at_target"] = (  # the masks themselves once at the target
-                sum(int(m.sum()) for m in sp.masks.values()) if sp.at_final_density
-                else round(sp.state.masked_params * sp.config.final_density))
+                sum(sp.nonzeros().values()) if sp.at_final_density
+                else round(sp.masked_params * sp.config.final_density))
             info["target_density"] = sp.config.final_density
             params += (f", {info['params_masked']:,} masked, {info['params_nonzero_at_target']:,} "
                        f"non-zero masked at density {sp.config.final_density:g}")
