@@ -101,9 +101,17 @@ def runs(tmp_path_factory):
     return get
 
 
+# digits-mlp: fc1 256x64, fc2 256x256, fc3 10x256. FSDP2 splits rows into chunks of
+# ceil(rows / 2): 128 + 128, 128 + 128, 5 + 5 rows; a rank holds a mask and an explored union
+# (1 byte per weight each) of its rows.
+SPARSE_FULL_BYTES = 2 * (256 * 64 + 256 * 256 + 10 * 256)
+SPARSE_SHARD_BYTES = 2 * (128 * 64 + 128 * 256 + 5 * 256)
+
+
 def assert_sparse_run(rs: list[dict], stage: str, steps: int, exact_nnz: bool) -> None:
     """Every rank holds the same masks, explored union and weights; the density is exact; each
-    masked weight is zero; sharded stages really hold half of every large parameter."""
+    masked weight is zero; sharded stages really hold half of every large parameter and half of
+    the sparse state (measured: the bytes of the tensors each rank keeps)."""
     for r in rs[1:]:
         assert_identical(rs[0], r)
     r0 = rs[0]
@@ -116,10 +124,14 @@ def assert_sparse_run(rs: list[dict], stage: str, steps: int, exact_nnz: bool) -
         assert abs(nnz - 0.1 * masked) <= len(r0["masks"])
     for name, m in r0["masks"].items():
         assert not r0["weights"][name][~m].any(), f"masked weights of {name} not zero"
+    for r in rs:
+        assert r["sparse_state_full_bytes"] == SPARSE_FULL_BYTES
     if stage in ("zero2", "zero3", "hsdp"):  # a shard group of 2: each rank holds half of fc2
         assert r0["shards"]["fc2.weight"] == (32768, 65536), r0["shards"]
+        assert all(r["sparse_state_bytes"] == SPARSE_SHARD_BYTES for r in rs)
     else:
         assert r0["shards"] == {}
+        assert all(r["sparse_state_bytes"] == SPARSE_FULL_BYTES for r in rs)
 
 
 def assert_same_network(a: dict, b: dict, weights_exact: bool = True) -> None:
