@@ -43,7 +43,9 @@ ERK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("model,data,d,eps,dense,spot", ERK_CASES, ids=lambda v: str(v)[:12])
+# Sets sorted in the ids: every pytest-xdist worker (its own hash seed) collects the same names.
+@pytest.mark.parametrize("model,data,d,eps,dense,spot", ERK_CASES,
+                         ids=lambda v: str(sorted(v) if isinstance(v, set) else v)[:12])
 def test_erk_matches_reference(model, data, d, eps, dense, spot):
     shapes = shapes_of(model, data)
     dens = T.erk_densities(shapes, d)
