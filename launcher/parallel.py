@@ -24,11 +24,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-from itop_dist import collectives
-from itop_dist.sparsifier import canonical_name
-from launcher.checkpoint import LazyTensor, Shard, full_tensors
-from launcher.config import FSDP_STAGES
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -38,6 +33,10 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from itop_dist import collectives
+from itop_dist.sparsifier import canonical_name
+from launcher.checkpoint import LazyTensor, Shard, full_tensors
+from launcher.config import FSDP_STAGES
 
 
 def shard_mesh(stage: str, device_type: str, world_size: int, shard_group_size: int) -> DeviceMesh | None:
