@@ -32,7 +32,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from itop_dist import collectives
 from itop_dist.config import SparseConfig
 from itop_dist.methods import METHODS, Method, UpdateInputs, UpdateResult
-from itop_dist.state import SparseState
+from itop_dist.state import Shard, SparseState
 
 log = logging.getLogger("itop_dist")
 
@@ -300,16 +300,34 @@ class Sparsifier:
 
     # --- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The full state, sharded or not (masks and explored union bit-packed, counters,
-        config), so that a checkpoint loads whatever the sharding; the same on every rank.
-        A collective when sharded: every rank must call it."""
-        whole = SparseState(self.full_masks(), self.full_fired(), self.state.step, self.state.updates)
-        return {"state": whole.state_dict(), "config": self.config.to_dict()}
+        """Masks and explored union bit-packed by rows (``itop_dist.state.SparseState.state_dict``),
+        counters and config. Unsharded: the whole state, the same on every rank. Sharded:
+        this rank's rows of each layer as :class:`~itop_dist.state.Shard` blocks of the packed
+        tensors, kept only by the first rank that holds a block (HSDP's other replicas, and a
+        rank holding no row of a layer, keep none), so that no rank gathers anything and a
+        checkpoint's blocks cover each tensor exactly once. Not a collective."""
+        sd = self.state.state_dict()
+        if self.sharded:
+            me = collectives.rank(self.group)
+            for key in ("masks", "fired"):
+                mine = {}
+                for name, entry in sd[key].items():
+                    block = self._blocks[name][me]
+                    if block[1][0] == 0 or self._blocks[name].index(block) != me:
+                        continue
+                    bits, shape = entry["bits"], self.shapes[name]
+                    mine[name] = {"shape": list(shape),
+                                  "bits": Shard(bits, (shape[0], bits.shape[1]), (block[0][0], 0))}
+                sd[key] = mine
+        return {"state": sd, "config": self.config.to_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore masks, explored union and counters from a full :meth:`state_dict` (this rank
-        keeps its shards); refuse a different sparse set-up (ValueError). A collective when
-        sharded: every rank must call it, with the same ``sd``."""
+        """Restore masks, explored union and counters from a :meth:`state_dict` of any layout,
+        whole or assembled from a sharded checkpoint's blocks (whose ``bits`` may be read
+        lazily, ``itop_dist.state.BlockSource``: a sharded run reads only its own rows);
+        refuse a different sparse set-up (ValueError). A collective when sharded (the ranks
+        exchange their blocks' checksums, the reference of the next check): every rank must
+        call it."""
         ours, theirs = self.config.to_dict(), sd.get("config", {})
         for key in ("method", "density", "final_density", "sparse_init", "growth", "death", "exclude"):
             a, b = theirs.get(key), ours.get(key)
@@ -321,13 +339,16 @@ class Sparsifier:
                     f"resume with the same settings or start a new run folder"
                 )
         if self.sharded:
-            whole = SparseState.from_state_dict(sd["state"], self.shapes)
-            # Every rank holds the whole state here, so each computes rank 0's checksums itself.
-            self._expected = self._table(whole.masks, whole.fired, None)[:, 2 * len(self.shapes):]
-            for key in ("masks", "fired"):  # keep this rank's blocks (copies: the whole is freed)
-                setattr(self.state, key, {n: t[region(*local_block(self.params[n]))].clone().to(
-                    _local(self.params[n]).device) for n, t in getattr(whole, key).items()})
-            self.state.step, self.state.updates = whole.step, whole.updates
+            me = collectives.rank(self.group)
+            rows = {n: (blocks[me][0][0], blocks[me][1][0]) for n, blocks in self._blocks.items()}
+            mine = SparseState.from_state_dict(sd["state"], self.shapes, rows)
+            for key in ("masks", "fired"):
+                setattr(self.state, key, {n: t.to(_local(self.params[n]).device)
+                                          for n, t in getattr(mine, key).items()})
+            self.state.step, self.state.updates = mine.step, mine.updates
+            local = torch.cat([collectives.checksums(self.state.masks), collectives.checksums(self.state.fired)])
+            self._expected = torch.stack(collectives.gather_shards(
+                local, [local.numel()] * collectives.world_size(self.group), self.group, everywhere=True))
         else:
             self.state.load_state_dict(sd["state"])
         self._refresh_counts()
@@ -348,6 +369,10 @@ class Sparsifier:
                         for n, d in dims.items()}
         if self.sharded:
             mine = [local_block(p) for p in self.params.values()]
+            for (name, p), (offset, shape) in zip(self.params.items(), mine):
+                if any(offset[1:]) or tuple(shape[1:]) != tuple(p.shape[1:]):
+                    raise ValueError(f"{name} is sharded along a dimension other than 0 ({p.placements}): "
+                                     f"the sparse state is kept by rows, as FSDP2 shards by default")
             table = collectives.all_gather_objects(mine, self.group)
             self._blocks = {n: [blocks[i] for blocks in table] for i, n in enumerate(self.params)}
             self._numels = {n: [torch.Size(shape).numel() for _, shape in b] for n, b in self._blocks.items()}

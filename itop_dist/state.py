@@ -1,16 +1,59 @@
 """The sparse state: masks, the explored ('fired') union and the counters, keyed by name.
 
 Pure data: no model, no optimizer, no torch.distributed. Checkpoints hold the masks
-bit-packed (1 bit per weight instead of the reference's 32).
+bit-packed by rows (1 bit per weight instead of the reference's 32; rows are the blocks FSDP2
+shards, so a sharded run writes and reads only its own rows, docs/algorithms.md §12.3).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from itop_dist.topology import pack_bits, unpack_bits
+from itop_dist.topology import pack_rows, unpack_bits, unpack_rows
+
+
+@dataclass
+class Shard:
+    """One rank's block of a larger tensor, for a sharded checkpoint: ``data`` is the block at
+    ``offset`` (one index per dimension) of a tensor of ``shape``. A whole tensor kept by one
+    rank (ZeRO-1's optimizer state) is a block at offset 0 of its own shape."""
+
+    data: torch.Tensor
+    shape: tuple[int, ...]
+    offset: tuple[int, ...]
+
+
+class BlockSource(Protocol):
+    """A tensor read on demand (a sharded checkpoint's, ``launcher.checkpoint.LazyTensor``):
+    its global ``shape`` and the block of a given shape at an offset."""
+
+    shape: tuple[int, ...]
+
+    def region(self, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor: ...
+
+
+def read_rows(bits: torch.Tensor | BlockSource, shape: tuple[int, ...], rows: tuple[int, int] | None = None
+              ) -> torch.Tensor:
+    """Rows ``[start, start + count)`` (all with ``rows`` None) of the bool tensor of ``shape``
+    saved as ``bits``: a :func:`pack_rows` tensor (uint8, (R, ceil(C/8))), a source of one read
+    lazily (only those rows are read), or a flat :func:`pack_bits` tensor (checkpoints written
+    before row packing). Raises ValueError when ``bits`` is not of that shape's packing."""
+    start, count = rows if rows is not None else (0, shape[0])
+    width = math.ceil(math.prod(shape[1:]) / 8)
+    if isinstance(bits, torch.Tensor) and bits.dim() == 1:
+        if bits.numel() != math.ceil(math.prod(shape) / 8):
+            raise ValueError(f"{bits.numel()} packed bytes cannot hold a mask of shape {list(shape)}")
+        return unpack_bits(bits, shape)[start:start + count]
+    if tuple(bits.shape) != (shape[0], width):
+        raise ValueError(f"packed rows of shape {list(bits.shape)} cannot hold a mask of shape {list(shape)}")
+    if count == 0:  # a rank that holds no row of this layer reads nothing
+        return torch.zeros((0, *shape[1:]), dtype=torch.bool)
+    block = bits[start:start + count] if isinstance(bits, torch.Tensor) else bits.region((start, 0), (count, width))
+    return unpack_rows(block, (count, *shape[1:]))
 
 
 @dataclass
@@ -73,16 +116,22 @@ class SparseState:
 
     # --- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """``{"masks": {name: {"shape", "bits"}}, "fired": ..., "step", "updates"}`` with each
+        tensor bit-packed by rows (:func:`pack_rows`; "shape" is the tensor's own)."""
         def packed(tensors: dict[str, torch.Tensor]) -> dict:
-            return {n: {"shape": list(t.shape), "bits": pack_bits(t.cpu())} for n, t in tensors.items()}
+            return {n: {"shape": list(t.shape), "bits": pack_rows(t.cpu())} for n, t in tensors.items()}
 
         return {"masks": packed(self.masks), "fired": packed(self.fired),
                 "step": self.step, "updates": self.updates}
 
     @classmethod
-    def from_state_dict(cls, sd: dict, shapes: dict[str, tuple[int, ...]]) -> SparseState:
-        """The state :meth:`state_dict` saved, as CPU tensors; raise ValueError unless its names
-        and shapes are ``shapes`` (the model's full parameter shapes)."""
+    def from_state_dict(cls, sd: dict, shapes: dict[str, tuple[int, ...]],
+                        rows: dict[str, tuple[int, int]] | None = None) -> SparseState:
+        """The state :meth:`state_dict` saved (or a sharded run's blocks of it, see
+        ``Sparsifier.state_dict``), as CPU tensors: whole, or with ``rows`` only the rows
+        ``(start, count)`` of each layer (the ``bits`` may then be read lazily, see
+        :func:`read_rows`). Raises ValueError unless its names and shapes are ``shapes`` (the
+        model's full parameter shapes)."""
         tensors = {}
         for key in ("masks", "fired"):
             theirs = sd[key]
@@ -99,7 +148,8 @@ class SparseState:
                         f"sparse checkpoint: {name} has shape {entry['shape']} there but "
                         f"{list(shapes[name])} here; resume with the model it was saved from"
                     )
-            tensors[key] = {n: unpack_bits(theirs[n]["bits"], theirs[n]["shape"]) for n in shapes}
+            tensors[key] = {n: read_rows(theirs[n]["bits"], tuple(shapes[n]), rows[n] if rows else None)
+                            for n in shapes}
         return cls(tensors["masks"], tensors["fired"], int(sd["step"]), int(sd["updates"]))
 
     def load_state_dict(self, sd: dict) -> None:
@@ -108,3 +158,10 @@ class SparseState:
         self.masks = {n: m.to(self.masks[n].device) for n, m in whole.masks.items()}
         self.fired = {n: f.to(self.fired[n].device) for n, f in whole.fired.items()}
         self.step, self.updates = whole.step, whole.updates
+
+
+def saved_masks(sd: dict) -> dict[str, torch.Tensor]:
+    """Every whole mask of a saved sparse state (``sd["state"]["masks"]`` of a checkpoint,
+    any layout) as bool CPU tensors of their saved shapes, for tools that have no model.
+    Raises ValueError, KeyError or TypeError for a malformed state."""
+    return {n: read_rows(e["bits"], tuple(int(s) for s in e["shape"])) for n, e in sd.items()}

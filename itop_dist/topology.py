@@ -310,19 +310,33 @@ def allocate(total: int, shares: Mapping[str, float], caps: Mapping[str, int]) -
 # Compact forms for transfer and checkpoints
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> uint8 tensor of ceil(numel/8) bytes (little-endian bit order)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
+def pack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor of shape (R, ...) -> uint8 tensor of shape (R, ceil(C/8)), each row (the C
+    entries of one index of dim 0) packed on its own, little-endian bit order. Rows are what
+    FSDP2 shards (dim 0), so a rank's block of the packed tensor is the packing of its block of
+    the mask: checkpoints of sharded runs are read back by rows at any world size."""
+    rows, cols = mask.shape[0], math.prod(mask.shape[1:])  # explicit: a block may have no rows
+    flat = mask.reshape(rows, cols).to(torch.uint8)
+    pad = (-flat.shape[1]) % 8
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
+        flat = torch.cat([flat, flat.new_zeros(rows, pad)], dim=1)
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+    return (flat.view(rows, (cols + pad) // 8, 8) * weights).sum(2, dtype=torch.uint8)
+
+
+def unpack_rows(packed: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: uint8 (R, ceil(C/8)) -> bool tensor of ``shape`` (R, ...)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(1)[:, : math.prod(shape[1:])].to(torch.bool).reshape(tuple(shape))
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor of ceil(numel/8) bytes (little-endian bit order): the whole
+    tensor as one row of :func:`pack_rows`."""
+    return pack_rows(mask.reshape(1, -1)).reshape(-1)
 
 
 def unpack_bits(packed: torch.Tensor, shape: Shape) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: uint8 bytes -> bool tensor of ``shape``."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    n = math.prod(shape)
-    return bits.reshape(-1)[:n].to(torch.bool).reshape(tuple(shape))
+    return unpack_rows(packed.reshape(1, -1), (1, math.prod(shape))).reshape(tuple(shape))

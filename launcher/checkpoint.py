@@ -7,12 +7,13 @@ Layout of one checkpoint (every rank calls :meth:`Checkpointer.save` and :meth:`
         optimizer.safetensors + .json    the full optimizer state, keyed by parameter name
         scheduler.json                   LR schedule position
         train_state.json                 step, epoch, data position, best, W&B id
-        sparse_state.safetensors + .json masks and explored union (bit-packed), counters
+        sparse_state.safetensors + .json masks and explored union (bit-packed by rows), counters
         flops.json                       FLOPs counted so far
         supertickets.safetensors + .json Sup-tickets' superposed model (Sup-tickets runs only)
         scaler.json                      fp16 loss scale (fp16 runs only)
         rng_state-<rank>.safetensors + .json   each rank's torch/python/numpy RNG
-        model-shard-<rank>.*, optimizer-shard-<rank>.*   instead of model.* and optimizer.* in
+        model-shard-<rank>.*, optimizer-shard-<rank>.*, sparse_state-shard-<rank>.*
+                                         instead of model.*, optimizer.*, sparse_state.* in
                                          sharded runs: each rank's blocks, no rank gathers
         meta.json                        step, epoch, accuracy, the run's configuration
         manifest.json                    size and SHA-256 of every file above, written last
@@ -20,9 +21,9 @@ Layout of one checkpoint (every rank calls :meth:`Checkpointer.save` and :meth:`
 Each piece is a ``state_dict`` split into its tensors (safetensors) and the rest (JSON), so
 loading a checkpoint parses data and never runs code from it (no pickle anywhere: files written
 by other tools, e.g. Accelerate's ``*.pkl``/``*.bin``, are never read). Replicated runs write
-the full state (rank 0); sharded runs (the ZeRO stages) write each rank's blocks of the model and
-optimizer state as :class:`Shard` entries (global shape and offset in the JSON, the block in
-safetensors), so no rank ever holds the whole model. Either layout loads into any stage and
+the full state (rank 0); sharded runs (the ZeRO stages) write each rank's blocks of the model,
+optimizer state and sparse state as :class:`Shard` entries (global shape and offset in the
+JSON, the block in safetensors), so no rank ever holds the whole model. Either layout loads into any stage and
 world size: a sharded loader reads only the slices of its own block from each file
 (:class:`LazyTensor`), a replicated one assembles whole tensors.
 
@@ -47,7 +48,6 @@ import re
 import shutil
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -57,6 +57,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from itop_dist import collectives
+from itop_dist.state import Shard
 from launcher.config import identity_diff
 
 log = logging.getLogger("itop_dist.train")
@@ -80,17 +81,6 @@ class Stateful(Protocol):
 
 # ---------------------------------------------------------------------------------------------
 # A state dict as tensors (safetensors) plus structure (JSON): loading runs no code.
-
-
-@dataclass
-class Shard:
-    """One rank's block of a larger tensor, for a sharded checkpoint: ``data`` is the block at
-    ``offset`` (one index per dimension) of a tensor of ``shape``. A whole tensor kept by one
-    rank (ZeRO-1's optimizer state) is a block at offset 0 of its own shape."""
-
-    data: torch.Tensor
-    shape: tuple[int, ...]
-    offset: tuple[int, ...]
 
 
 def split_state(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:

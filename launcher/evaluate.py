@@ -35,7 +35,7 @@ import models
 from data_pipelines import DATASETS, build_loaders
 from itop_dist import maskable_parameters
 from itop_dist.flops import layer_flops, sparse_flops
-from itop_dist.topology import unpack_bits
+from itop_dist.state import saved_masks
 from launcher.checkpoint import MANIFEST, Checkpointer, CheckpointError, read_state, verify
 from launcher.config import TrainConfig, from_dict, print_error
 
@@ -94,7 +94,7 @@ def load_checkpoint(path: pathlib.Path) -> LoadedCheckpoint:
     returned with the masks applied, after checking that every weight the mask turns off is
     exactly zero already. Raises CheckpointError with one line."""
     path = find_checkpoint(pathlib.Path(path))
-    verify(path)
+    manifest = verify(path)
     meta = read_json(path / "meta.json")
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path / 'meta.json'} holds no run configuration; use a checkpoint "
@@ -109,12 +109,11 @@ def load_checkpoint(path: pathlib.Path) -> LoadedCheckpoint:
         raise CheckpointError(f"{path / 'model.json'} does not describe a flat model state dict")
     masks = None
     if cfg.sparse:
-        if not (path / "sparse_state.json").exists():
+        if "sparse_state" not in manifest.get("pieces", []):
             raise CheckpointError(f"{path} is of a --sparse run but holds no sparse_state")
         sparse = read_state(path, "sparse_state")
         try:
-            packed = sparse["state"]["masks"]
-            masks = {n: unpack_bits(e["bits"], [int(s) for s in e["shape"]]) for n, e in packed.items()}
+            masks = saved_masks(sparse["state"]["masks"])
         except (KeyError, TypeError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"{path / 'sparse_state.json'} does not hold valid masks "
                                   f"({type(err).__name__}: {one_line(err)})") from None

@@ -281,7 +281,7 @@ class Trainer:
         ck.register("scheduler", self.scheduler, plain=True)
         ck.register("train_state", self.state, plain=True)
         if self.sparsifier is not None:
-            ck.register("sparse_state", self.sparsifier, "--sparse")
+            ck.register("sparse_state", self.sparsifier, "--sparse", sharded=self.sparsifier.sharded)
         ck.register("flops", self.flops, plain=True)
         for plugin in self.plugins:
             if plugin.state_key is not None:

@@ -13,6 +13,9 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from launcher.config import FSDP_STAGES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ACCELERATE = pathlib.Path(sys.executable).parent / "accelerate"
@@ -134,6 +137,27 @@ def assert_sparse_run(rs: list[dict], stage: str, steps: int, exact_nnz: bool) -
         assert all(r["sparse_state_bytes"] == SPARSE_FULL_BYTES for r in rs)
 
 
+def assert_sparse_checkpoint_is_sharded(run: pathlib.Path, stage: str) -> None:
+    """Sharded stages write each rank's rows of the row-packed masks and explored union and no
+    rank the whole (fc1 rows of 64 weights = 8 bytes, fc2 and fc3 rows of 256 = 32 bytes; 128,
+    128 and 5 rows per rank); hsdp's second replica writes no block; ddp and zero1 write the
+    whole state once."""
+    checkpoint = max((run / "checkpoints").glob("step-*"))
+    if stage not in FSDP_STAGES:
+        assert (checkpoint / "sparse_state.safetensors").is_file()
+        assert not list(checkpoint.glob("sparse_state-shard-*"))
+        return
+    assert not (checkpoint / "sparse_state.json").exists()
+    rows = {"fc1.weight": (128, 8), "fc2.weight": (128, 32), "fc3.weight": (5, 32)}
+    for rank in range(STAGES[stage]):
+        path = checkpoint / f"sparse_state-shard-{rank}.safetensors"
+        if rank >= 2:  # hsdp's replica of ranks 0 and 1
+            assert (checkpoint / f"sparse_state-shard-{rank}.json").is_file() and not path.exists()
+            continue
+        held = {k: tuple(v.shape) for k, v in load_file(str(path)).items()}
+        assert held == {f"state/{key}/{n}/bits": shape for key in ("masks", "fired") for n, shape in rows.items()}
+
+
 def assert_same_network(a: dict, b: dict, weights_exact: bool = True) -> None:
     for name in a["masks"]:
         assert torch.equal(a["masks"][name], b["masks"][name]), f"masks of {name} differ"
@@ -165,6 +189,7 @@ def test_every_stage_trains_granet_and_resumes_bit_exact(runs, stage, tmp_path):
         assert_same_network(full[0], ranks(runs("ddp", GRANET), 2)[0])
     part = tmp_path / "part"
     shutil.copytree(runs(stage, GRANET, "part"), part)
+    assert_sparse_checkpoint_is_sharded(part, stage)
     launch(part, f"{stage_args(stage)} {GRANET} --resume auto", processes=n)
     resumed = ranks(part, n)
     for r in resumed[1:]:
@@ -192,14 +217,14 @@ def test_resume_in_another_world_size(runs, tmp_path, saved, resumed, processes)
     """4 -> 2 processes (hsdp -> zero3) and 2 -> 3 (a rank holding no row of a small layer):
     the masks and explored union at resume are the checkpoint's, so the run continues from its
     connectivity and ends at the exact density with every rank identical."""
-    from itop_dist.topology import unpack_bits
+    from itop_dist.state import saved_masks
     from launcher.checkpoint import read_state
 
     part = tmp_path / "part"
     shutil.copytree(runs(saved, GRANET, "part"), part)
     checkpoint = max((part / "checkpoints").glob("step-*"))  # the newest, which --resume auto takes
     sd = read_state(checkpoint, "sparse_state")["state"]
-    saved_fired = {n: unpack_bits(e["bits"], e["shape"]) for n, e in sd["fired"].items()}
+    saved_fired = saved_masks(sd["fired"])
     launch(part, f"{stage_args(resumed)} {GRANET} --resume auto", processes=processes)
     rs = ranks(part, processes)
     for r in rs[1:]:

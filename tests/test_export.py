@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import models
 from data_pipelines import DataConfig, build_loaders
-from itop_dist.topology import unpack_bits
+from itop_dist.state import saved_masks
 from launcher import evaluate as itop_eval
 from launcher import export as itop_export
 from launcher.checkpoint import read_state
@@ -141,11 +141,11 @@ def test_export_loads_into_a_fresh_model_and_reproduces_the_accuracy(sparse_run,
     assert correct / count == card["accuracy"]["test_acc"]
     # the masks: the checkpoint's, round(density * numel) per layer, weights zero where off
     masks = load_file(str(sparse_export / "masks.safetensors"))
-    saved = read_state(ckpt, "sparse_state")["state"]["masks"]
+    saved = saved_masks(read_state(ckpt, "sparse_state")["state"]["masks"])
     assert masks.keys() == saved.keys() == card["layers"].keys()
     for name, mask in masks.items():
         assert mask.dtype == torch.bool
-        assert torch.equal(mask, unpack_bits(saved[name]["bits"], saved[name]["shape"]))
+        assert torch.equal(mask, saved[name])
         assert int(mask.sum()) == round(card["layers"][name] * mask.numel())
         assert not state[name][~mask].any()
 

@@ -1,6 +1,7 @@
 """The sparsifier bound to a real model and optimizer: invariants a user relies on."""
 
 import ast
+import copy
 import itertools
 import math
 import pathlib
@@ -14,8 +15,10 @@ from torch.distributed.fsdp import fully_shard
 from itop_dist import (PruneRateSchedule, SparseConfig, Sparsifier, UpdateSchedule, list_methods,
                        total_steps)
 from itop_dist.sparsifier import assemble, local_block, region
+from itop_dist.state import SparseState
 from itop_dist.suptickets import ReExplore
-from itop_dist.topology import GROW_FNS, PRUNE_FNS
+from itop_dist.topology import GROW_FNS, PRUNE_FNS, pack_bits, unpack_rows
+from launcher.checkpoint import read_state, write_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -211,12 +214,26 @@ def test_state_dict_round_trip_is_bit_packed_and_refuses_other_runs():
         train_step(model, opt, gen)
         sp.step()
     sd = sp.state_dict()
-    bits = sd["state"]["masks"]["fc1.weight"]["bits"]
-    assert bits.dtype == torch.uint8 and bits.numel() == math.ceil(sp.masks["fc1.weight"].numel() / 8)
+    bits = sd["state"]["masks"]["conv.weight"]["bits"]  # 16 rows of 3x3x3 = 27 weights: 4 bytes each
+    assert bits.dtype == torch.uint8 and tuple(bits.shape) == (16, 4)
     _, _, fresh = make(cfg)
     fresh.load_state_dict(sd)
     assert all(torch.equal(fresh.masks[n], m) for n, m in sp.masks.items())
-    assert fresh.itop_rate == sp.itop_rate and fresh.state.step == 6
+    assert all(torch.equal(fresh.state.fired[n], f) for n, f in sp.state.fired.items())
+    assert fresh.itop_rate == sp.itop_rate > sp.density and fresh.state.step == 6
+    # what a sharded run reads of its block: rows 5..8 of every layer, and nothing else
+    part = SparseState.from_state_dict(sd["state"], sp.shapes, rows={n: (5, 4) for n in sp.shapes})
+    assert all(torch.equal(part.masks[n], m[5:9]) and torch.equal(part.fired[n], sp.state.fired[n][5:9])
+               for n, m in sp.masks.items())
+    # a checkpoint of an earlier version (one flat bit string per tensor, 54 bytes for conv) loads
+    flat = copy.deepcopy(sd)
+    for key in ("masks", "fired"):
+        for entry in flat["state"][key].values():
+            entry["bits"] = pack_bits(unpack_rows(entry["bits"], entry["shape"]))
+    assert flat["state"]["masks"]["conv.weight"]["bits"].shape == (54,)
+    _, _, old = make(cfg)
+    old.load_state_dict(flat)
+    assert all(torch.equal(old.masks[n], m) for n, m in sp.masks.items()) and old.itop_rate == sp.itop_rate
     _, _, other = make(SparseConfig(density=0.2, update_frequency=2))
     with pytest.raises(ValueError, match="density=0.1"):
         other.load_state_dict(sd)
@@ -536,7 +553,8 @@ def single_rank_group(tmp_path):
     SparseConfig(method="GraNet", density=0.5, final_density=0.1, growth="momentum", update_frequency=2,
                  init_prune_epoch=0, final_prune_epoch=2),
 ], ids=["rigl", "granet"])
-def test_sharded_path_decides_as_the_replicated_one_and_checkpoints_interchange(single_rank_group, config):
+def test_sharded_path_decides_as_the_replicated_one_and_checkpoints_interchange(single_rank_group, config,
+                                                                              tmp_path):
     """A world-size-1 FSDP2 wrap takes the sharded path (gather, decide, scatter, checks) on
     shards that happen to be whole: the same masks, numbers and checkpoints as without it."""
     sharded, plain = train_sharded(True, config), train_sharded(False, config)
@@ -554,7 +572,10 @@ def test_sharded_path_decides_as_the_replicated_one_and_checkpoints_interchange(
     fresh.load_state_dict(plain.state_dict())  # an unsharded checkpoint into a sharded run
     assert all(torch.equal(fresh.masks[n], m) for n, m in plain.masks.items())
     fresh.verify()
+    # and back, through a sharded checkpoint's files (its blocks, read back as one state)
+    write_state(tmp_path, "sparse_state-shard-0", sharded.state_dict())
+    assert not (tmp_path / "sparse_state.json").exists()
     back = train_sharded(False, config, steps=1)
-    back.load_state_dict(sharded.state_dict())  # and back
+    back.load_state_dict(read_state(tmp_path, "sparse_state"))
     assert all(torch.equal(back.state.fired[n], f) for n, f in plain.state.fired.items())
     assert back.state.step == plain.state.step and back.itop_rate == plain.itop_rate

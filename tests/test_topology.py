@@ -203,3 +203,16 @@ def test_pack_bits_round_trip_and_size(shape):
     packed = T.pack_bits(m)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(m.numel() / 8)
     assert torch.equal(T.unpack_bits(packed, shape), m)
+
+
+@pytest.mark.parametrize("shape, width", [((3, 5, 7), 5), ((64, 3, 3, 3), 4), ((10, 64), 8), ((0, 9), 2)])
+def test_pack_rows_packs_each_row_alone(shape, width):
+    """Row r of the packing is the packing of row r: a block of rows unpacks on its own."""
+    m = torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    packed = T.pack_rows(m)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (shape[0], width)
+    assert torch.equal(T.unpack_rows(packed, shape), m)
+    for r in range(shape[0]):
+        assert torch.equal(packed[r], T.pack_bits(m[r]))
+    if shape[0] > 2:
+        assert torch.equal(T.unpack_rows(packed[1:3], (2, *shape[1:])), m[1:3])
