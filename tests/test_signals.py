@@ -350,9 +350,12 @@ def test_slurm_launch_sh_turns_sigint_into_a_checkpoint(tmp_path, to):
     process tracking): the same stop, exit 0, no requeue."""
     out = tmp_path / "run"
     env = {**os.environ, **fake_slurm(tmp_path)}
+    # slurmstepd starts a task with SIGINT at its default; a test runner may ignore it
+    # (pytest-xdist's workers do), and bash cannot trap a signal ignored at its start.
     proc = subprocess.Popen(["bash", str(REPO / "slurm" / "launch.sh"), *shlex.split(f"{ARGS} --batch-size 32"),
                              "--output-dir", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: trained_to(out) >= 3, proc, "training")
     if to == "the process group":
         os.killpg(proc.pid, signal.SIGINT)
