@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -43,11 +44,14 @@ Init = Literal[INITS]  # ImageNet ResNet-50's initialisations
 
 @dataclass
 class ModelConfig:
-    """name: registry name (``--model``); init: ``fanin``/``classic`` for ImageNet ResNet-50
-    (``-c``); channels_last: None = on for conv models on CUDA."""
+    """name: registry name (``--model``), or ``timm/NAME`` for any timm model; init:
+    ``fanin``/``classic`` for ImageNet ResNet-50 (``-c``); kwargs: a timm model's keyword
+    arguments as ``key=value`` texts (``--model-kwargs img_size=8 patch_size=2``, parsed as
+    timm's train.py does); channels_last: None = on for conv models on CUDA."""
 
-    name: str = "digits-mlp"  # a registered model (models.list_models()), in any case
+    name: str = "digits-mlp"  # a registered model (models.list_models()) in any case, or timm/NAME
     init: Init | None = None
+    kwargs: tuple[str, ...] = ()
     channels_last: bool | None = None
     # Start from these weights (a model.safetensors, an itop-export folder or a checkpoint
     # folder); with --sparse the run's own init decides the masks.
@@ -56,11 +60,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.init is None or self.init in INITS, "--init",
                f"{self.init!r}: choose {' or '.join(INITS)} (ImageNet ResNet-50's initialisation)")
+        self.kwargs = tuple(self.kwargs)
+        _check(not self.kwargs or models.timm_models.is_timm(self.name), "--model-kwargs",
+               "only timm models take keyword arguments; use --model timm/NAME or drop --model-kwargs")
+        models.parse_model_kwargs(self.kwargs)  # ValueError naming an item that is not key=value
 
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum (ITOP CIFAR recipe: Nesterov, L2 5e-4) or Adam.
+    """SGD with momentum (ITOP CIFAR recipe: Nesterov, L2 5e-4), Adam, or AdamW (weight decay
+    decoupled from the gradient: the ViT/DeiT recipes).
 
     accumulate: micro-batches per optimizer step (gradient accumulation). The global batch is
     processes x --batch-size x accumulate; the LR is never scaled for you.
@@ -68,7 +77,7 @@ class OptimConfig:
     ImageNet recipe; the reference's name rule 'bn' misses the downsample BNs, this does not).
     """
 
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -79,7 +88,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.accumulate >= 1, "--grad-accum-steps", f"{self.accumulate} must be >= 1")
-        _check(self.name in ("sgd", "adam"), "--optimizer", f"{self.name!r}: choose sgd or adam")
+        _check(self.name in ("sgd", "adam", "adamw"), "--optimizer", f"{self.name!r}: choose sgd, adam or adamw")
         _check(self.lr > 0, "--lr", f"{self.lr} must be > 0")
         _check(0 <= self.label_smoothing < 1, "--label-smoothing", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "--l2", "must be >= 0")
@@ -250,8 +259,8 @@ class TrainConfig:
                "--pretrain_epoch", f"{t.pretrain_epochs} + --cyclic_epochs {t.cyclic_epochs} must equal "
                f"--epochs {self.schedule.epochs:g}")
         if self.data.name != "synthetic":
-            fits = models.model_datasets(self.model.name)  # raises for an unknown --model
-            _check(self.data.name in fits, "--data",
+            fits = models.model_datasets(self.model.name)  # raises for an unknown --model; () for timm
+            _check(not fits or self.data.name in fits, "--data",
                    f"model {self.model.name} does not fit {self.data.name}; it fits {', '.join(fits)}")
 
     @property
@@ -447,6 +456,7 @@ def set_path(tree: dict, dotted: str, value) -> None:
 FLAG_NAMES: dict[str, tuple[str, ...]] = {
     "model.name": ("--model",),
     "model.init": ("--init", "-c"),
+    "model.kwargs": ("--model-kwargs",),
     "data.name": ("--data",),
     "data.data_dir": ("--data-dir", "--datadir"),
     "data.batch_size": ("--batch-size", "-b"),
@@ -472,6 +482,9 @@ FLAG_NAMES: dict[str, tuple[str, ...]] = {
     "tickets.cima_factor": ("--CIMA_factor",),
     "tickets.label": ("--indicate_method",),
 }
+
+# Flags that take every value up to the next flag (timm's nargs="*": --model-kwargs a=1 b=2).
+MULTI_VALUE = ("model.kwargs",)
 
 # Bools that take a value (``--nesterov false``), as the papers' scripts pass them; every other
 # bool is a switch (``--download``, ``--no-download``).
@@ -524,6 +537,8 @@ class Flag:
         return "--" + self.names[0][2:].replace("_", "-")
 
     def tokens(self, value) -> list[str]:
+        if self.path in MULTI_VALUE:
+            return [self.flag, *value]
         if self.switch:
             return [self.flag if value else f"--no-{self.flag[2:]}"]
         return [self.flag, value]
@@ -605,7 +620,10 @@ def papers_spellings(argv: list[str]) -> list[tuple[Flag, str | bool, str]]:
         elif arg in accepted or arg in ("--arch", "-a"):
             arch |= arg in ("--arch", "-a")
             flag, value = accepted["--model" if arg in ("--arch", "-a") else arg]
-            if value is None:
+            if flag.path in MULTI_VALUE:
+                values = list(itertools.takewhile(lambda a: not a.startswith("-"), args[i + 1:]))
+                value, i = values, i + len(values)
+            elif value is None:
                 if i + 1 == len(args):
                     raise ConfigError(f"{arg}: expected a value ({_metavar(flag)})")
                 value, i = args[i + 1], i + 1
@@ -697,7 +715,11 @@ def _section_rule(info):
         aliases = f"(also {', '.join(flag.names[1:])})" if flag.names[1:] else ""
         helptext = " ".join(filter(None, [helptext, aliases]))
         marks = [tyro.conf.arg(name=flag.flag[2:], help=helptext or None, prefix_name=False)]
-        if not flag.switch:  # (a bool that takes a value is no flag: FlagConversionOff)
+        if flag.path in MULTI_VALUE:
+            marks.insert(0, PrimitiveConstructorSpec(
+                nargs="*", metavar="KEY=VALUE", instance_from_str=list,
+                is_instance=lambda value: True, str_from_instance=list))
+        elif not flag.switch:  # (a bool that takes a value is no flag: FlagConversionOff)
             marks.insert(0, tyro.conf.FlagConversionOff)
             marks.insert(0, PrimitiveConstructorSpec(
                 nargs=1, metavar=_metavar(flag), instance_from_str=lambda args: args[0],
@@ -729,6 +751,8 @@ def _tyro_cli(args: list[str]) -> dict:
 def _from_text(flag: Flag, text: str):
     """A flag's text as its field's type: lists comma- (or space-) separated, bools true/false."""
     base = _base(flag.hint)
+    if flag.path in MULTI_VALUE:
+        return tuple(text)
     if typing.get_origin(base) is tuple:
         kind = typing.get_args(base)[0]
         return tuple(_scalar(kind, t, flag) for t in text.replace(",", " ").split())

@@ -161,13 +161,17 @@ def one_line(err: BaseException) -> str:
 def model_dataset(cfg: TrainConfig) -> str:
     """The data set whose variant of ``--model`` the trainer built (synthetic: the first the
     model fits, as the trainer does)."""
-    return cfg.data.name if cfg.data.name != "synthetic" else models.model_datasets(cfg.model.name)[0]
+    if cfg.data.name != "synthetic":
+        return cfg.data.name
+    return next(iter(models.model_datasets(cfg.model.name)), cfg.data.name)  # timm: fits any
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    """The run's model, built as ``Trainer.__init__`` builds it (weights not loaded)."""
+def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """The run's model for data of ``input_shape`` ``(C, H, W)`` (a timm model's channels and
+    image size), built as ``Trainer.__init__`` builds it (weights not loaded)."""
     kwargs = {"init": cfg.model.init} if cfg.model.init else {}
-    return models.create_model(cfg.model.name, model_dataset(cfg), num_classes=num_classes, **kwargs)
+    return models.create_model(cfg.model.name, model_dataset(cfg), num_classes=num_classes,
+                               input_shape=input_shape, **models.parse_model_kwargs(cfg.model.kwargs), **kwargs)
 
 
 def default_shape(cfg: TrainConfig) -> tuple[tuple[int, ...], int]:
@@ -259,7 +263,7 @@ def evaluate(loaded: LoadedCheckpoint, data: str | None = None, data_dir: str | 
                if v is not None}
     data_cfg = dataclasses.replace(cfg.data, **changes)
     loaders = build_loaders(data_cfg, seed=cfg.seed, rank=0, world_size=1)
-    model = build_model(cfg, loaders.num_classes)
+    model = build_model(cfg, loaders.num_classes, tuple(loaders.input_shape))
     load_into(model, loaded.state, str(loaded.path / "model.safetensors"))
     numbers = sparsity_numbers(model, loaded.masks, tuple(loaders.input_shape))
     dev = resolve_device(device)

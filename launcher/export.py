@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import models
 from launcher.checkpoint import MANIFEST, CheckpointError, read_state, verify
 from launcher.config import print_error
 from launcher.evaluate import (ERRORS, add_data_flags, build_model, default_shape, evaluate,
@@ -62,11 +63,11 @@ def export(checkpoint: pathlib.Path, output: pathlib.Path, force: bool = False, 
                     "val_acc": result["val"]["acc"] if result["val"] else None,
                     "source": f"itop-eval: this checkpoint evaluated on the test split of "
                               f"{result['data']} (fp32, one process)"}
-        model = build_model(cfg, num_classes)
+        model = build_model(cfg, num_classes, input_shape)
         load_into(model, loaded.state, str(loaded.path / "model.safetensors"))
     else:
         input_shape, num_classes = default_shape(cfg)
-        model = build_model(cfg, num_classes)
+        model = build_model(cfg, num_classes, input_shape)
         why = first_mismatch(model, loaded.state)
         if why is not None:
             raise CheckpointError(f"{loaded.path / 'model.safetensors'} does not fit {cfg.model.name} "
@@ -95,7 +96,9 @@ def export(checkpoint: pathlib.Path, output: pathlib.Path, force: bool = False, 
                                        "weights are exactly zero",
                   "masks.safetensors": "bool mask per masked weight name (empty for a dense run)"},
         "load": (f"models.create_model({cfg.model.name!r}, {model_dataset(cfg)!r}, "
-                 f"num_classes={num_classes}{', init=' + repr(cfg.model.init) if cfg.model.init else ''})"
+                 f"num_classes={num_classes}{', init=' + repr(cfg.model.init) if cfg.model.init else ''}"
+                 f"{f', input_shape={tuple(input_shape)}' if models.timm_models.is_timm(cfg.model.name) else ''}"
+                 f"{''.join(f', {k}={v!r}' for k, v in models.parse_model_kwargs(cfg.model.kwargs).items())})"
                  f".load_state_dict(safetensors.torch.load_file('model.safetensors'))"),
         "config": loaded.meta["config"],
     }

@@ -35,7 +35,7 @@ from itop_dist.sparsifier import full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
 from launcher.config import FSDP_STAGES, ConfigError, TrainConfig, flat_config, save_config
 from launcher import plots
-from launcher.evaluate import model_dataset
+from launcher.evaluate import build_model, model_dataset
 from launcher.events import Event, build_plugins
 from launcher.lr_schedule import lr_factor
 from launcher.parallel import (ModelState, OptimizerState, apply_fsdp, full_state_dict,
@@ -179,9 +179,7 @@ class Trainer:
     def new_model(self) -> torch.nn.Module:
         """A fresh model of the run's architecture, with the class count of the data actually
         found (an ImageNet subset, say); also used for Sup-tickets' superposed models."""
-        cfg = self.cfg
-        kwargs = {"init": cfg.model.init} if cfg.model.init else {}
-        return models.create_model(cfg.model.name, model_dataset(cfg), num_classes=self.loaders.num_classes, **kwargs)
+        return build_model(self.cfg, self.loaders.num_classes, tuple(self.loaders.input_shape))
 
     def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         """The ZeRO stage's wrapping (launcher/parallel.py): FSDP2 here for zero2/zero3/hsdp;
@@ -765,7 +763,8 @@ NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.n
 
 
 def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or Adam; with ``bn_weight_decay`` off, normalisation parameters get no decay."""
+    """SGD, Adam (L2 added to the gradient) or AdamW (decoupled weight decay, Loshchilov & Hutter
+    2019); with ``bn_weight_decay`` off, normalisation parameters get no decay."""
     o = cfg.optim
     norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
     groups = [{"params": [p for p in model.parameters() if o.bn_weight_decay or id(p) not in norm]},
@@ -774,6 +773,8 @@ def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Op
     groups = [g for g in groups if g["params"]]
     if o.name == "adam":
         return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum,
                            nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
 

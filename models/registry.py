@@ -6,7 +6,10 @@ name if they fit different datasets; the dataset then picks the variant (``resne
 ``imagenet`` is torchvision's ResNet-50, on ``cifar10`` the GraNet/Sup-tickets CIFAR ResNet-50).
 The dataset is only that key (spelt as ``--data`` names it, ``CIFAR-10`` = ``cifar10``): models
 know nothing else of the data, so the class count is always given (``data_pipelines.DATASETS``
-has each dataset's).
+has each dataset's), and so is the input shape for the models that take it.
+
+``timm/NAME`` is any timm model (``models.timm_models``): it fits every dataset, taking the
+data's channels and image size from the input shape.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from torch import nn
+
+from . import timm_models
 
 __all__ = [
     "FsdpUnits",
@@ -88,7 +93,8 @@ def _variants(name: str) -> list[_Entry]:
 
 
 def list_models() -> list[str]:
-    """Sorted display names of every registered model (one per variant name)."""
+    """Sorted display names of every registered model (one per variant name); any timm model
+    is ``timm/NAME`` besides."""
     return sorted({e.display_name for variants in _REGISTRY.values() for e in variants})
 
 
@@ -105,24 +111,35 @@ def _variant(name: str, dataset: str) -> _Entry:
 
 
 def model_datasets(name: str) -> tuple[str, ...]:
-    """Datasets that ``name`` fits, across all its variants, sorted."""
+    """Datasets that ``name`` fits, across all its variants, sorted; ``()`` for a timm model,
+    which fits every dataset. Raises ``ValueError`` for an unknown model (a timm one: naming
+    the closest timm names)."""
+    if timm_models.is_timm(name):
+        timm_models.timm_name(name)
+        return ()
     return tuple(sorted({d for e in _variants(name) for d in e.datasets}))
 
 
-def create_model(name: str, dataset: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
+def create_model(name: str, dataset: str, *, num_classes: int,
+                 input_shape: tuple[int, ...] | None = None, **kwargs: Any) -> nn.Module:
     """Build the variant of model ``name`` for ``dataset`` with ``num_classes`` outputs.
 
     Extra keyword arguments go to the constructor (``None`` values are dropped, as in timm),
     e.g. ``create_model("resnet50", "imagenet", num_classes=1000, init="classic")``. The model
     takes inputs of that dataset's shape, ``(B, *input_shape)``, and returns logits
-    ``(B, num_classes)``. Raises ``ValueError`` for an unknown model or one without a variant
-    for ``dataset``.
+    ``(B, num_classes)``. ``input_shape``: the data's ``(C, H, W)``, which a ``timm/NAME`` model
+    takes as its ``in_chans`` and ``img_size`` (kwargs win; zoo models know their dataset's).
+    Raises ``ValueError`` for an unknown model or one without a variant for ``dataset``.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if timm_models.is_timm(name):
+        return timm_models.create_timm_model(name, num_classes, input_shape, **kwargs)
     return _variant(name, dataset).fn(num_classes, **kwargs)
 
 
 def model_fsdp_units(name: str, dataset: str) -> FsdpUnits:
     """The FSDP units function of the variant of ``name`` for ``dataset`` (as ``create_model``
     picks it): call it on a model ``create_model`` built. Raises ``ValueError`` as ``create_model``."""
+    if timm_models.is_timm(name):
+        return timm_models.fsdp_units
     return _variant(name, dataset).fsdp_units
