@@ -1,7 +1,8 @@
 """FLOPs accounting (docs/algorithms.md §8): the RigL / ITOP convention, keyed by parameter name.
 
-* FLOPs = 2 x multiply-accumulates of the conv and linear layers only; batch norm,
-  activations, pooling, biases, residual adds and the loss are ignored.
+* FLOPs = 2 x multiply-accumulates of the conv and linear layers, and of the products between
+  activations (a transformer's attention), which stay dense at any density; batch norm, layer
+  norm, activations, softmax, pooling, biases, residual adds and the loss are ignored.
 * Dense forward FLOPs per sample of layer l, F_l, are measured from the real shapes of one
   forward pass (:func:`layer_flops`); f_D = sum F_l. Inference at the per-layer densities
   d_l costs f_S = sum d_l F_l (:func:`sparse_flops`), computed from the actual per-layer
@@ -25,7 +26,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from itop_dist.sparsifier import MASKED_MODULES, maskable_parameters
 
@@ -34,6 +35,18 @@ log = logging.getLogger("itop_dist")
 # Growth kinds understood by the cost rules; None means dense training. "static" is also the
 # kind for any sparse method that never needs a dense gradient (static masks, GMP pruning).
 GROWTH_KINDS = ("static", "random", "gradient", "momentum")
+
+# The key of :func:`layer_flops` for the products between activations (attention's q k^T and
+# attn v): no parameter name, so no density ever names it and it counts dense.
+ACTIVATION_PRODUCTS = "(activation products)"
+# PyTorch's counter has formulas for the CUDA kernels of scaled_dot_product_attention but none for
+# the CPU one (it would count 0 on CPU, where the meta device decomposes into counted bmm's); it
+# makes the same two products, so the same formula holds.
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,7 +59,8 @@ def layer_flops(
     example_input: torch.Tensor | tuple[torch.Tensor, ...],
     batch_size: int | None = None,
 ) -> dict[str, int]:
-    """Dense forward FLOPs per sample of every conv and linear weight, by canonical name.
+    """Dense forward FLOPs per sample of every conv and linear weight, by canonical name, and
+    of the products between activations, under :data:`ACTIVATION_PRODUCTS`.
 
     Runs ``model(example_input)`` once (``*example_input`` for a tuple) under PyTorch's
     ``torch.utils.flop_counter.FlopCounterMode`` and gives each weight the FLOPs counted while
@@ -57,26 +71,34 @@ def layer_flops(
     divided by ``batch_size`` (default: the leading dimension of the first input), which must
     divide it.
 
+    Every product counted outside the masked layers' forwards is an activation-activation
+    product, attention's scores q k^T and its weighted sum attn v (2 * N^2 * D per block for
+    N tokens of width D, over all heads; Vaswani et al. 2017, §3.2): no mask touches them, so
+    they stay dense at any density. They are kept under :data:`ACTIVATION_PRODUCTS` when there
+    are any (a CNN has none, and its dict holds its weights only); :func:`sparse_flops` counts
+    that entry dense as it does any name without a density.
+
     Why FlopCounterMode and per-module attribution: its formulas are exactly the papers'
     convention for these layers (measured: ResNet-50 at 224x224 8,178,368,512, vgg-c
-    621,946,880, WRN-28-10 10,486,657,536, every layer equal to the shape formula above), but
-    its own per-module table is keyed by ``ClassName.path`` names, and its total also counts
-    products no masked layer makes (attention's ``bmm``), which the papers leave out. So only
-    what runs inside a masked module's forward is kept, keyed by the weight's name.
+    621,946,880, WRN-28-10 10,486,657,536, every layer equal to the shape formula above;
+    DeiT-S / ViT-S/16 at 224x224 9,197,764,608, timm's 4.6 GMACs), but its own per-module
+    table is keyed by ``ClassName.path`` names, so what runs inside a masked module's forward
+    is keyed by the weight's name and the rest is the activation products.
 
     Only shapes are read, so a model and input on the ``meta`` device work (no memory, no
     compute: ResNet-50 at 224x224 in ~0.2 s); so does a real model on any device. The
     model runs in eval mode (batch norm statistics untouched, batch 1 allowed) and is put
     back in the modes it was in. Every weight ``maskable_parameters`` finds is listed, with
     0 (and a warning) for one that the forward never called through its module, e.g. an
-    ``nn.MultiheadAttention`` out_proj, whose weight is used functionally.
+    ``nn.MultiheadAttention`` out_proj, whose weight is used functionally (its product then
+    counts among the activation products).
     Raises ``ValueError`` if ``batch_size`` does not divide a layer's FLOPs.
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     batch = inputs[0].shape[0] if batch_size is None else batch_size
     names = {id(p): n for n, p in maskable_parameters(model).items()}
     totals = dict.fromkeys(names.values(), 0)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
     started: list[int] = []  # the counter's total when each running masked forward began
 
     def begin(module: nn.Module, args: tuple) -> None:
@@ -98,6 +120,9 @@ def layer_flops(
             handle.remove()
         for module, training in modes.items():
             module.training = training
+    products = counter.get_total_flops() - sum(totals.values())
+    if products:
+        totals[ACTIVATION_PRODUCTS] = products
     odd = [n for n, total in totals.items() if total % batch]
     if odd:
         raise ValueError(f"layer_flops: the FLOPs of {odd[:3]} are not a multiple of the batch "
@@ -112,9 +137,9 @@ def layer_flops(
 def sparse_flops(layer_flops: Mapping[str, int], densities: Mapping[str, float]) -> float:
     """Forward (inference) FLOPs per sample at the given per-layer densities: sum d_l F_l.
 
-    Layers without a density (unmasked, e.g. excluded with ``--exclude``) count dense. A
-    density for a layer ``layer_flops`` does not know is an error (names differ: wrapped
-    model, other model)."""
+    Layers without a density (unmasked, e.g. excluded with ``--exclude``) count dense, and so
+    do the activation products (:data:`ACTIVATION_PRODUCTS`). A density for a layer
+    ``layer_flops`` does not know is an error (names differ: wrapped model, other model)."""
     unknown = sorted(set(densities) - set(layer_flops))
     if unknown:
         raise ValueError(f"sparse_flops: no FLOPs known for {unknown[:3]}; measure layer_flops "

@@ -138,7 +138,8 @@ class Trainer:
         set_seed(cfg.seed)  # the same on every rank: identical initial weights and masks
         self.loaders = self._build_data()
         model = self._build_model()
-        # FLOPs per sample of every conv/linear layer, measured from one real forward pass.
+        # FLOPs per sample of every conv/linear layer and of attention's products, measured
+        # from one real forward pass.
         layer_cost = layer_flops(model, torch.zeros(1, *self.loaders.input_shape))
         model = self._parallelize(model)
         self._build_run_length()

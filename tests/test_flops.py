@@ -9,7 +9,7 @@ from torch import nn
 
 import models
 from itop_dist import maskable_parameters
-from itop_dist.flops import (FlopsCounter, layer_flops, sparse_flops, step_flops,
+from itop_dist.flops import (ACTIVATION_PRODUCTS, FlopsCounter, layer_flops, sparse_flops, step_flops,
                              train_step_flops)
 from itop_dist.flops import test_rel as flops_test_rel
 from itop_dist.topology import erk_densities
@@ -87,8 +87,8 @@ def test_tied_embedding_is_not_counted():
     assert layer_flops(Tied(), torch.zeros(2, 5, dtype=torch.long)) == {"head.weight": 2 * 4 * 11 * 5}
 
 
-def test_products_outside_masked_layers_are_not_counted():
-    """FlopCounterMode counts every matmul; the papers count only the masked layers' own."""
+def test_products_outside_masked_layers_are_activation_products_and_stay_dense():
+    """Attention's q k^T and attn v run outside every masked layer: counted apart, and dense."""
 
     class Attention(nn.Module):
         def __init__(self) -> None:
@@ -99,7 +99,9 @@ def test_products_outside_masked_layers_are_not_counted():
             q, k, v = self.qkv(x).chunk(3, dim=-1)
             return (q @ k.transpose(1, 2)).softmax(-1) @ v  # 2 bmm of 2*5*5*4 FLOPs each
 
-    assert layer_flops(Attention(), torch.randn(2, 5, 4)) == {"qkv.weight": 2 * 4 * 12 * 5}
+    flops = layer_flops(Attention(), torch.randn(2, 5, 4))
+    assert flops == {"qkv.weight": 2 * 4 * 12 * 5, ACTIVATION_PRODUCTS: 2 * (2 * 5 * 5 * 4)}
+    assert sparse_flops(flops, {"qkv.weight": 0.25}) == 0.25 * 480 + 400
 
 
 def test_meta_equals_real_and_model_state_untouched():
