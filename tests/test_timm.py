@@ -193,3 +193,34 @@ def test_inspect_vit_base_imagenet_per_layer_densities_and_flops(capsys) -> None
     plan = inspect_model("timm/vit_base_patch16_224", "imagenet", 0.1, "ERK")
     assert plan["flops"]["activation_products"] == 12 * 2 * 2 * 197 ** 2 * 768
     assert plan["flops"]["dense"] == sum(la["flops"] for la in plan["layers"]) + 12 * 2 * 2 * 197 ** 2 * 768
+
+
+# --------------------------------------------------------------------------------------------
+# The ViT recipes (configs/imagenet_{deit_small,vit_base}_rigl_d{0.1,0.2}.yaml)
+
+VIT_RECIPES = {  # file stem -> (timm name, per-process batch, lr, update frequency): SViTE's commands
+    "imagenet_deit_small_rigl_d0.1": ("deit_small_patch16_224", 64, 5e-4, 15_000),
+    "imagenet_deit_small_rigl_d0.2": ("deit_small_patch16_224", 64, 5e-4, 15_000),
+    "imagenet_vit_base_rigl_d0.1": ("vit_base_patch16_224", 128, 1e-3, 7_000),
+    "imagenet_vit_base_rigl_d0.2": ("vit_base_patch16_224", 128, 1e-3, 7_000),
+}
+
+
+@pytest.mark.parametrize("stem", sorted(VIT_RECIPES))
+def test_vit_recipes_hold_their_sources_hyperparameters(stem: str) -> None:
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{stem}.yaml"
+    text = path.read_text()
+    assert "# Sources, one per setting:" in text and "SViTE" in text and "DeiT's main.py" in text
+    cfg = parse_config(["--config", str(path), "--data-dir", "IMAGENET"])
+    name, batch, lr, update = VIT_RECIPES[stem]
+    assert (cfg.model.name, cfg.model.kwargs, cfg.data.name, cfg.data.batch_size) == (
+        f"timm/{name}", ("drop_path_rate=0.1",), "imagenet", batch)
+    assert lr == 5e-4 * 8 * batch / 512  # DeiT's linear scaling at 8 processes
+    o, s, sp = cfg.optim, cfg.schedule, cfg.sparsity
+    assert (o.name, o.lr, o.weight_decay, o.label_smoothing, o.bn_weight_decay) == ("adamw", lr, 0.05, 0.1, False)
+    assert (s.epochs, s.multiplier, s.lr_schedule, s.warmup_epochs) == (300, 1, "cosine", 5)
+    assert cfg.sparse and sp.density == float(stem[-3:])
+    assert (sp.method, sp.sparse_init, sp.growth, sp.death, sp.redistribution, sp.update_frequency) == (
+        "DST", "ERK", "gradient", "magnitude", "none", update)
