@@ -51,7 +51,7 @@ class ModelConfig:
 
     name: str = "digits-mlp"  # a registered model (models.list_models()) in any case, or timm/NAME
     init: Init | None = None
-    kwargs: tuple[str, ...] = ()
+    kwargs: tuple[str, ...] = ()  # a timm model's keyword arguments, key=value (timm's train.py --model-kwargs)
     channels_last: bool | None = None
     # Start from these weights (a model.safetensors, an itop-export folder or a checkpoint
     # folder); with --sparse the run's own init decides the masks.
@@ -275,7 +275,8 @@ class TrainConfig:
             density = f"-d{s.density:g}" + (f"-f{s.final_density:g}" if s.final_density != s.density else "")
         else:
             method, density = "dense", ""
-        return pathlib.Path("runs") / (f"{self.model.name}-{self.data.name}-{method}{density}-s{self.seed}-"
+        model = self.model.name.replace("/", "-")  # timm/NAME: one folder, not runs/timm/
+        return pathlib.Path("runs") / (f"{model}-{self.data.name}-{method}{density}-s{self.seed}-"
                                        f"{identity_hash(self.to_dict())}")
 
     def to_dict(self) -> dict:

@@ -160,7 +160,7 @@ def test_help_lists_every_section_with_defaults_choices_and_aliases(capsys):
     assert exit.value.code in (0, None)
     for section in ("model", "data", "sparsity", "optim", "schedule", "checkpoint", "log", "tickets"):
         assert f"{section} options" in out, section
-    assert "--growth {random,gradient,momentum}" in out and "--optimizer {sgd,adam}" in out
+    assert "--growth {random,gradient,momentum}" in out and "--optimizer {sgd,adam,adamw}" in out
     assert "--preset {imagenet}" in out and "(also --l2, --wd)" in out and "(default: 0.0005)" in out
 
 
@@ -527,8 +527,8 @@ README_DIGITS = ("--sparse --density 0.05 --update_frequency 50 --data digits --
 
 @pytest.mark.slow
 def test_every_readme_command_and_recipe_gets_its_own_default_folder():
-    """SET, RigL, momentum, static: one folder each (they shared one before); the 20 recipes
-    map to 20 folders; and a setting of the identity (here the LR or the multiplier) moves it."""
+    """SET, RigL, momentum, static: one folder each (they shared one before); the 24 recipes
+    map to 24 folders (a timm model's in one folder of runs/, not in runs/timm/); and a setting of the identity (here the LR or the multiplier) moves it."""
     commands = [f"{README_DIGITS} --growth {g}" for g in ("random", "gradient", "momentum")]
     commands += [f"{README_DIGITS} --fix", f"{README_DIGITS} --growth random --lr 0.5",
                  f"{README_DIGITS} --growth random --multiplier 2"]
@@ -536,8 +536,9 @@ def test_every_readme_command_and_recipe_gets_its_own_default_folder():
     assert len(set(folders)) == len(commands), folders
     assert folders[0].name.startswith("digits-mlp-digits-random-d0.05-s17-")
     recipes = sorted((REPO / "configs").glob("*.yaml"))
-    assert len(recipes) == 20
-    assert len({parse_config(["--config", str(r)]).run_dir for r in recipes}) == 20
+    assert len(recipes) == 24
+    run_dirs = {parse_config(["--config", str(r)]).run_dir for r in recipes}
+    assert len(run_dirs) == 24 and {d.parent for d in run_dirs} == {pathlib.Path("runs")}
     # What may change on resume does not move the folder.
     same = parse_config(shlex.split(f"{commands[0]} --epochs 200 --log-interval 5 --keep-last 9 --batch-size 32"))
     assert same.run_dir == folders[0]
