@@ -775,7 +775,9 @@ def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Op
     if o.name == "adam":
         return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        # torch's AdamW is exactly this Adam; built as Adam because ZeRO-1's optimizer re-creates
+        # the class from its defaults, which AdamW's own constructor refuses (decoupled_weight_decay).
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay, decoupled_weight_decay=True)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum,
                            nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
 

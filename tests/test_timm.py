@@ -94,10 +94,23 @@ def test_adamw_decouples_weight_decay_and_exempts_norms() -> None:
     from launcher.trainer import _build_optimizer
 
     cfg = parse_config(["--optimizer", "adamw", "--lr", "0.001", "--wd", "0.05", "--bn-weight-decay", "false"])
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    twin = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    twin.load_state_dict(model.state_dict())
     opt = _build_optimizer(model, cfg)
-    assert type(opt) is torch.optim.AdamW
+    assert opt.defaults["decoupled_weight_decay"] is True
     assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [(2, 0.05), (2, 0.0)]
+    reference = torch.optim.AdamW([{"params": twin[0].parameters()},
+                                   {"params": twin[1].parameters(), "weight_decay": 0.0}], lr=0.001, weight_decay=0.05)
+    x = torch.randn(5, 3)
+    for net, o in ((model, opt), (twin, reference)):
+        for _ in range(3):
+            o.zero_grad()
+            net(x).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)  # torch's AdamW, step for step
 
 
 # --------------------------------------------------------------------------------------------
