@@ -354,7 +354,7 @@ def test_a_timm_vit_trains_one_sparse_network_in_every_stage(tmp_path, stage):
     for r in rs[1:]:
         assert_identical(rs[0], r)
     r0 = rs[0]
-    assert r0["updates"] == 8 and r0["summary"]["sharding"] == stage
+    assert r0["updates"] == r0["summary"]["step"] // 8 >= 4 and r0["summary"]["sharding"] == stage
     assert list(r0["masks"]) == ["patch_embed.proj.weight", *(f"blocks.{i}.{n}" for i in range(2) for n in (
         "attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")), "head.weight"]
     shapes = {n: tuple(m.shape) for n, m in r0["masks"].items()}
