@@ -39,10 +39,12 @@ GROWTH_KINDS = ("static", "random", "gradient", "momentum")
 # The key of :func:`layer_flops` for the products between activations (attention's q k^T and
 # attn v): no parameter name, so no density ever names it and it counts dense.
 ACTIVATION_PRODUCTS = "(activation products)"
-# PyTorch's counter has formulas for the CUDA kernels of scaled_dot_product_attention but none for
-# the CPU one (it would count 0 on CPU, where the meta device decomposes into counted bmm's); it
-# makes the same two products, so the same formula holds.
+
+
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU kernel of ``scaled_dot_product_attention``: PyTorch's counter has
+    formulas for the CUDA kernels only (the CPU one would count 0, while the meta device
+    decomposes into counted bmm's); it makes the same two products, q k^T and attn v."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 

@@ -3,6 +3,8 @@ ERK and FLOPs on transformer shapes (docs/algorithms.md §1.4, §8.4), and itop-
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -153,6 +155,17 @@ def test_erk_on_vit_shapes_by_hand() -> None:
                       "blocks.0.attn.proj.weight": 5_227, "blocks.0.mlp.fc1.weight": 13_068,
                       "blocks.0.mlp.fc2.weight": 13_068}
     assert sum(counts.values()) == 44_505  # round(0.1 * 445,056)
+
+
+def test_inspect_takes_model_kwargs_as_timms_train_py(capsys) -> None:
+    """The same 1-block ViT through itop-inspect's --model-kwargs (timm's ParseKwargs action)."""
+    assert inspect_main(["--model", "timm/vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "depth=1",
+                         "--data", "digits", "--density", "0.1", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert {la["name"]: la["nonzeros"] for la in plan["layers"]} == {
+        "patch_embed.proj.weight": 768, "blocks.0.attn.qkv.weight": 10_454, "blocks.0.attn.proj.weight": 5_227,
+        "blocks.0.mlp.fc1.weight": 13_068, "blocks.0.mlp.fc2.weight": 13_068, "head.weight": 1_920}
+    assert plan["flops"]["activation_products"] == 2 * 2 * 17 ** 2 * 192
 
 
 # --------------------------------------------------------------------------------------------
