@@ -89,7 +89,8 @@ def export(checkpoint: pathlib.Path, output: pathlib.Path, force: bool = False, 
         "density": numbers["density"], "nonzero": numbers["nonzero"],
         "masked_weights": numbers["masked_weights"], "layers": numbers["layers"],
         "flops": {**numbers["flops"], "convention": "2 x multiply-adds of conv and linear layers "
-                                                    "per sample (itop_dist.flops); test_rel = "
+                                                    "and of attention's products (dense) per sample "
+                                                    "(itop_dist.flops); test_rel = "
                                                     "inference FLOPs at these densities / dense"},
         "accuracy": accuracy,
         "files": {"model.safetensors": "plain state dict (load_state_dict, strict); masked-off "
