@@ -22,9 +22,8 @@ DIGITS = (1, 8, 8)
 TINY_VIT = {"patch_size": 2, "depth": 1}  # vit_tiny's width 192, 3 heads, on 8x8 digits
 
 
-# family -> (timm name, kwargs, FSDP unit class, units). Tiny configurations, so that each
-# builds and runs in well under a second; 32x32 inputs, the least that ConvNeXt and ResNet's
-# 32x downsampling take.
+# family -> (timm name, kwargs, FSDP unit class, units). Tiny configurations (few blocks, narrow)
+# to keep the suite fast; 32x32 inputs, the least that ConvNeXt and ResNet's 32x downsampling take.
 FAMILIES = {
     "vit": ("vit_tiny_patch16_224", {"patch_size": 4, "depth": 2}, "Block", 2),
     "deit": ("deit_tiny_patch16_224", {"patch_size": 8, "depth": 3}, "Block", 3),
