@@ -1,7 +1,13 @@
 """The GPU check: what sparsity costs on one GPU (H100/H200 class), measured side by side in one run.
 
-    python benchmarks/gpu_check.py OUT            # on the GPU machine, under 8 minutes
-    python benchmarks/gpu_check.py --smoke OUT    # the same code paths on a CPU, tiny sizes, 1-3 minutes
+    PYTHONPATH=. python benchmarks/gpu_check.py OUT           # on the GPU machine, under 8 minutes
+    PYTHONPATH=. python benchmarks/gpu_check.py --smoke OUT   # the same code paths on a CPU, 1-3 minutes
+
+``--smoke`` measures nothing: CIFAR ResNet-20 at 32x32, batch 4, fp32, two timed steps per
+variant, torch.compile with the aot_eager backend (inductor's code generation takes minutes on
+2 cores) in parts 1-2; 16 small JPEGs, DALI CPU and torchvision on the CPU in part 3 (DALI
+mixed: not measured, no GPU; whether DALI builds a mixed pipeline without one is recorded);
+ResNet-18 on two processes (gloo, ``ACCELERATE_USE_CPU``), steps 4 then 6, in part 4.
 
 Writes ``OUT/gpu_check.json`` and the table ``OUT/gpu_check.md`` (rewritten after every part,
 so a run cut short keeps what it measured). Each part runs in its own try/except: a part that
@@ -29,8 +35,9 @@ records its error line, and the others go on.
    ``DaliLoader``, fused decode + random-resized-crop to 224, flip, normalise) against
    torchvision's ``decode_jpeg`` on the GPU with the same crop, flip and normalisation there.
 4. ``end_to_end``: ``accelerate launch -m launcher.train`` of the RigL-ITOP ResNet-50 recipe on
-   that tree (DALI mixed decoding, bf16, W&B offline) to step 100, then ``--resume auto`` to
-   step 200. Checks (a failure exits with status 1): the masks right after the resume (a
+   that tree (DALI mixed decoding, or the torchvision loader where DALI is missing; bf16; W&B
+   offline; mask updates every 40 steps: the recipe's 4000 exceed the whole 100-epoch run on
+   2,000 images, which the trainer refuses) to step 100, then ``--resume auto`` to step 200. Checks (a failure exits with status 1): the masks right after the resume (a
    checkpoint at step 101, no update there) equal the step-100 checkpoint's; mask updates
    happened before it (else the check would be trivial); the ITOP rate, the FLOPs and every
    layer's density are in ``metrics.jsonl`` and in the W&B offline run.
@@ -43,13 +50,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import pathlib
 import random
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -64,7 +72,7 @@ import torch
 import models
 from bench_imagenet_loader import epoch_folder, time_epochs, write_images
 from bench_masks import timed
-from data_pipelines.imagenet import dali_available, scan_split
+from data_pipelines.imagenet import dali_available
 from data_pipelines.imagenet.torchvision_backend import normalise, random_resized_crop_box
 from itop_dist import SparseConfig, Sparsifier, total_steps
 
@@ -350,10 +358,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run: pathlib.Path, tree: pathlib.Path, size: dict, gpu: bool, extra: list[str]) -> subprocess.CompletedProcess:
+def launch(run: pathlib.Path, tree: pathlib.Path, size: dict, gpu: bool, loader: str, extra: list[str]) -> subprocess.CompletedProcess:
     """``accelerate launch -m launcher.train`` of the RigL-ITOP recipe on ``tree``. The recipe's
     update_frequency (4000) exceeds the whole run on a 2,000-image tree (the trainer refuses a
-    run without a mask update), so it is overridden to put updates before the checkpoint."""
+    run without a mask update), so it is overridden to put updates before the checkpoint. Every
+    checkpoint is kept (the one right after the resume is read at the end)."""
     e2e = size["e2e"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
     env.update(WANDB_API_KEY="", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
@@ -365,12 +374,12 @@ def launch(run: pathlib.Path, tree: pathlib.Path, size: dict, gpu: bool, extra: 
         launcher = ["--multi_gpu", "--num_processes", str(e2e["processes"]), "--num_machines", "1",
                     "--mixed_precision", e2e["precision"], "--dynamo_backend", "no",
                     "--main_process_port", str(free_port())]
-    args = ["--config", str(RIGL_RECIPE), "--data-dir", str(tree), "--loader", "dali",
+    args = ["--config", str(RIGL_RECIPE), "--data-dir", str(tree), "--loader", loader,
             "--decode-device", "gpu" if gpu else "cpu", "--mixed-precision", e2e["precision"],
             "--wandb-mode", "offline", *(["--model", e2e["model"]] if e2e["model"] else []),
             "--update_frequency", str(e2e["update_frequency"]), "--batch-size", str(e2e["batch"]),
             "--test-batch-size", str(e2e["batch"]), "--image-size", str(size["image"]),
-            "--log-interval", str(e2e["log_every"]), "--keep-last", "3", "--no-progress", "--no-plots",
+            "--log-interval", str(e2e["log_every"]), "--keep-last", "100", "--no-progress", "--no-plots",
             "--output-dir", str(run), *extra]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "launcher.train", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=e2e["timeout"])
@@ -395,12 +404,13 @@ def wandb_history(run: pathlib.Path) -> tuple[list[dict], int] | str:
     segments = sorted((run / "wandb").glob("offline-run-*"))
     if not segments:
         return "not measured: no W&B offline run (wandb not installed?)"
-    exe = pathlib.Path(sys.executable).parent / "wandb"
-    if not exe.exists():
-        return f"not measured: no wandb command beside {sys.executable}"
+    beside = pathlib.Path(sys.executable).parent / "wandb"
+    exe = str(beside) if beside.exists() else shutil.which("wandb")
+    if exe is None:
+        return "not measured: no wandb command"
     records = []
     for segment in segments:
-        out = subprocess.run([str(exe), "leet", "inspect", "--json", str(segment)],
+        out = subprocess.run([exe, "leet", "inspect", "--json", str(segment)],
                              capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             return f"not measured: wandb leet inspect failed: {first_line(out.stderr or 'no output')}"
@@ -411,17 +421,19 @@ def wandb_history(run: pathlib.Path) -> tuple[list[dict], int] | str:
 
 def part_end_to_end(size: dict, device: torch.device, tree: pathlib.Path, work: pathlib.Path) -> dict:
     e2e, gpu = size["e2e"], device.type == "cuda"
+    if importlib.util.find_spec("accelerate") is None:
+        return {"status": "not measured: accelerate is not installed"}
     have_dali, why = dali_available()
-    if not have_dali:
-        return {"status": f"not measured: DALI missing: {why}"}
+    # Without DALI the checks still run, on the torchvision loader.
+    loader = "dali" if have_dali else "torchvision"
     run = work / "run"
     a, k = e2e["first"], e2e["update_frequency"]
     t0 = time.perf_counter()
-    launch(run, tree, size, gpu, ["--max-steps", str(a)])
+    launch(run, tree, size, gpu, loader, ["--max-steps", str(a)])
     first_s = time.perf_counter() - t0
     before = checkpoint_masks(run, a)
     t0 = time.perf_counter()
-    proc = launch(run, tree, size, gpu, ["--resume", "auto", "--max-steps", str(e2e["last"]), "--save-every", str(a + 1)])
+    proc = launch(run, tree, size, gpu, loader, ["--resume", "auto", "--max-steps", str(e2e["last"]), "--save-every", str(a + 1)])
     resume_s = time.perf_counter() - t0
     after = checkpoint_masks(run, a + 1)
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -441,7 +453,8 @@ def part_end_to_end(size: dict, device: torch.device, tree: pathlib.Path, work: 
         "metrics_layer_densities_logged": bool(layers) and all(len(d) == len(before) for d in layers),
     }
     out = {"status": "measured", "model": e2e["model"] or recipe(RIGL_RECIPE).model.name,
-           "precision": e2e["precision"], "processes": e2e["processes"], "steps": [a, e2e["last"]],
+           "precision": e2e["precision"], "processes": e2e["processes"],
+           "loader": loader if have_dali else f"torchvision (DALI missing: {why})", "steps": [a, e2e["last"]],
            "update_frequency": k, "masked_layers": len(before), "layer_density_records": len(layers),
            "itop_rate_at_checkpoint": max((r for s, r in rates if s <= a), default=None),
            "final_itop_rate": summary.get("final_itop_rate"), "train_flops": summary.get("train_flops"),
@@ -513,6 +526,7 @@ def markdown(report: dict) -> str:
                       + f"); worst masked/dense {part['worst_masked_ratio']:.3f}, goal met: "
                       f"{fmt(part['goal_met'])}", ""]
         elif name == "mask_update":
+            lines += [f"{part['rows'][0]['model']}, masks of each recipe's sparsity settings", ""]
             lines += table(part["rows"], [("method", "method", 0), ("update_ms", "one update ms", 1),
                                           ("update_frequency", "update every", 0), ("batch", "batch", 0),
                                           ("dense_step_ms", "dense step ms", 2),
@@ -526,7 +540,7 @@ def markdown(report: dict) -> str:
                 lines += ["", f"DALI mixed pipeline without a GPU: {part['dali_mixed_build_without_gpu']}"]
             lines += [""]
         elif name == "end_to_end":
-            lines += [f"{part['model']}, {part['precision']}, {part['processes']} process(es), steps {part['steps'][0]} then resumed to "
+            lines += [f"{part['model']}, precision {part['precision']}, {part['loader']} loader, {part['processes']} process(es), steps {part['steps'][0]} then resumed to "
                       f"{part['steps'][1]}, update every {part['update_frequency']}; "
                       f"{part['masked_layers']} masked layers; ITOP rate at the checkpoint "
                       f"{fmt(part['itop_rate_at_checkpoint'], 4)}, final {fmt(part['final_itop_rate'], 4)}; "
@@ -552,6 +566,8 @@ def main() -> int:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     size = SIZES[args.smoke]
+    if args.smoke:  # on shared cores, OpenMP threads spinning against other processes cost more than they give
+        torch.set_num_threads(1)
     gpu = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if gpu else "cpu")
     have_dali, dali = dali_available()
