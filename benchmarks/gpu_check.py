@@ -178,14 +178,20 @@ def part_train_step(size: dict, device: torch.device) -> dict:
         if fn is not None:
             apply_ms[key] = timed(synced(fn, device), size["repeats"]) * 1e3
 
-    rows = []
+    rows, compile_error = [], None
     for compiled in (False, True):
         net = torch.compile(model, backend=size["compile_backend"]) if compiled else model
         step = make_step(net, optimizer, x, y, device, size["bf16"])
         t0 = time.perf_counter()
-        for apply in applies.values():  # compiles on the first call; then one warm-up each
-            step(apply)
-        sync(device)
+        try:
+            for apply in applies.values():  # compiles on the first call; then one warm-up each
+                step(apply)
+            sync(device)
+        except Exception as err:  # noqa: BLE001 - e.g. no Triton for inductor: the eager rows stand
+            if not compiled:
+                raise
+            compile_error = first_line(err)
+            break
         warmup_s = time.perf_counter() - t0
         times = {k: [] for k in applies}
         for _ in range(size["rounds"]):
@@ -212,6 +218,7 @@ def part_train_step(size: dict, device: torch.device) -> dict:
             "precision": "bf16 autocast" if size["bf16"] else "fp32", "memory_format": "channels_last",
             "rounds": size["rounds"], "steps_per_round": size["steps"], "rows": rows,
             "apply_ms_by_mode": per_mode, "apply_mode_choice": choice,
+            "compile": f"error: {compile_error}" if compile_error else size["compile_backend"],
             "worst_masked_ratio": worst, "goal_ratio": GOAL, "goal_met": worst <= GOAL}
 
 
@@ -524,7 +531,7 @@ def markdown(report: dict) -> str:
             lines += ["", f"apply_mode for {meta['device_type']}: **{part['apply_mode_choice']}** "
                       f"(mean apply ms: " + ", ".join(f"{m} {v:.3f}" for m, v in part["apply_ms_by_mode"].items())
                       + f"); worst masked/dense {part['worst_masked_ratio']:.3f}, goal met: "
-                      f"{fmt(part['goal_met'])}", ""]
+                      f"{fmt(part['goal_met'])}; torch.compile: {part['compile']}", ""]
         elif name == "mask_update":
             lines += [f"{part['rows'][0]['model']}, masks of each recipe's sparsity settings", ""]
             lines += table(part["rows"], [("method", "method", 0), ("update_ms", "one update ms", 1),
@@ -584,10 +591,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         tmp = pathlib.Path(tmp)
         tree = tmp / "imagenet"
+        # Written before anything touches the GPU: the writers are forked processes.
+        try:
+            tree_info = write_tree(tree, size)
+        except Exception as err:  # noqa: BLE001 - parts 3 and 4 then fail on the missing tree
+            tree_info = {"error": first_line(err)}
         steps = {
             "train_step": lambda: part_train_step(size, device),
             "mask_update": lambda: part_mask_update(size, device),
-            "input_pipeline": lambda: {"tree": write_tree(tree, size), **part_input_pipeline(size, device, tree)},
+            "input_pipeline": lambda: {"tree": tree_info, **part_input_pipeline(size, device, tree)},
             "end_to_end": lambda: part_end_to_end(size, device, tree, tmp),
         }
         for name, run in steps.items():
