@@ -56,6 +56,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shlex
 import shutil
 import socket
@@ -391,9 +392,20 @@ def launch(run: pathlib.Path, tree: pathlib.Path, size: dict, gpu: bool, loader:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "launcher.train", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=e2e["timeout"])
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
-        raise CheckFailed(f"training ({shlex.join(extra)}) exited with status {proc.returncode}: {tail}")
+        raise CheckFailed(f"training ({shlex.join(extra)}) exited with status {proc.returncode}: "
+                          f"{failure_line(proc.stderr or proc.stdout)}")
     return proc
+
+
+def failure_line(output: str) -> str:
+    """The trainer's own reason in a failed launch's output: its ``itop-train: error:`` line, else
+    the first exception line that is not the launcher's (accelerate re-raises every failure as
+    CalledProcessError or ChildFailedError after the trainer's traceback)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    refusals = [ln for ln in lines if ln.startswith("itop-train: error:")]
+    errors = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|Interrupt)\b", ln)
+              and not re.search(r"CalledProcessError|ChildFailedError", ln)]
+    return (refusals or errors or lines[-1:] or ["no output"])[0]
 
 
 def checkpoint_masks(run: pathlib.Path, step: int) -> dict[str, torch.Tensor]:
