@@ -37,7 +37,8 @@ records its error line, and the others go on.
 4. ``end_to_end``: ``accelerate launch -m launcher.train`` of the RigL-ITOP ResNet-50 recipe on
    that tree (DALI mixed decoding, or the torchvision loader where DALI is missing; bf16; W&B
    offline; mask updates every 40 steps: the recipe's 4000 exceed the whole 100-epoch run on
-   2,000 images, which the trainer refuses) to step 100, then ``--resume auto`` to step 200. Checks (a failure exits with status 1): the masks right after the resume (a
+   2,000 images, which the trainer refuses) to step 100, then ``--resume auto`` to step 200.
+   Checks (a failure exits with status 1): the masks right after the resume (a
    checkpoint at step 101, no update there) equal the step-100 checkpoint's; mask updates
    happened before it (else the check would be trivial); the ITOP rate, the FLOPs and every
    layer's density are in ``metrics.jsonl`` and in the W&B offline run.
@@ -59,6 +60,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -86,20 +88,24 @@ APPLY_MODES = ("float", "bool", "foreach")
 
 # Sizes of everything: the full check, and the smoke run on a shared 2-core CPU, where
 # ResNet-50's steps and mask applications take seconds and bf16 autocast is slower than fp32:
-# there a CIFAR ResNet-20 (parts 1-2) and ResNet-18 (part 4, a model that fits ImageNet) in fp32.
+# there a CIFAR ResNet-20 (parts 1-2) and ResNet-18 (part 4, a model that fits ImageNet) in
+# fp32. ``passes``: an input-pipeline epoch lists the files that many times, so that DALI's
+# pipeline, built once per epoch, weighs little, as in an ImageNet epoch.
 SIZES = {
-    False: dict(model=("resnet50", "imagenet"), bf16=True, batch=256, image=224, rounds=3, steps=5, repeats=10, compile_backend="inductor", update_batch=None,
-                images=2000, val_images=200, classes=20, loader_batch=64, passes=2,
+    False: dict(model=("resnet50", "imagenet"), bf16=True, batch=256, image=224, rounds=3, steps=5,
+                repeats=10, compile_backend="inductor", update_batch=None,
+                images=2000, val_images=200, classes=20, loader_batch=64, passes=4,
                 jpeg_sizes=[(500, 375), (640, 480), (800, 600), (375, 500), (500, 333), (600, 450)],
-                e2e=dict(model=None, precision="bf16", first=100, last=200, update_frequency=40, processes=1,
-                         batch=64, log_every=10, timeout=240)),
+                e2e=dict(model=None, precision="bf16", first=100, last=200, update_frequency=40,
+                         processes=1, batch=64, log_every=10, timeout=240)),
     # torch.compile's inductor needs a minute or two per model on 2 CPU cores; aot_eager runs
     # the same Dynamo capture and AOT autograd without code generation.
-    True: dict(model=("cifar_resnet_20", "cifar10"), bf16=False, batch=4, image=32, rounds=2, steps=2, repeats=3, compile_backend="aot_eager", update_batch=4,
+    True: dict(model=("cifar_resnet_20", "cifar10"), bf16=False, batch=4, image=32, rounds=2, steps=2,
+               repeats=3, compile_backend="aot_eager", update_batch=4,
                images=16, val_images=4, classes=2, loader_batch=4, passes=1,
                jpeg_sizes=[(64, 48), (80, 60), (48, 64)],
-               e2e=dict(model="resnet18", precision="no", first=4, last=6, update_frequency=3, processes=2,
-                        batch=2, log_every=1, timeout=300)),
+               e2e=dict(model="resnet18", precision="no", first=4, last=6, update_frequency=3,
+                        processes=2, batch=2, log_every=1, timeout=300)),
 }
 
 
@@ -366,7 +372,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run: pathlib.Path, tree: pathlib.Path, size: dict, gpu: bool, loader: str, extra: list[str]) -> subprocess.CompletedProcess:
+def launch(run: pathlib.Path, tree: pathlib.Path, size: dict, gpu: bool, loader: str,
+           extra: list[str]) -> subprocess.CompletedProcess:
     """``accelerate launch -m launcher.train`` of the RigL-ITOP recipe on ``tree``. The recipe's
     update_frequency (4000) exceeds the whole run on a 2,000-image tree (the trainer refuses a
     run without a mask update), so it is overridden to put updates before the checkpoint. Every
@@ -390,7 +397,17 @@ def launch(run: pathlib.Path, tree: pathlib.Path, size: dict, gpu: bool, loader:
             "--log-interval", str(e2e["log_every"]), "--keep-last", "100", "--no-progress", "--no-plots",
             "--output-dir", str(run), *extra]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "launcher.train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=e2e["timeout"])
+    # Its own session: on a timeout the whole tree goes (the trainer is accelerate's child, and
+    # would keep the GPU).
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=e2e["timeout"])
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            raise
+    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise CheckFailed(f"training ({shlex.join(extra)}) exited with status {proc.returncode}: "
                           f"{failure_line(proc.stderr or proc.stdout)}")
@@ -452,7 +469,8 @@ def part_end_to_end(size: dict, device: torch.device, tree: pathlib.Path, work: 
     first_s = time.perf_counter() - t0
     before = checkpoint_masks(run, a)
     t0 = time.perf_counter()
-    proc = launch(run, tree, size, gpu, loader, ["--resume", "auto", "--max-steps", str(e2e["last"]), "--save-every", str(a + 1)])
+    proc = launch(run, tree, size, gpu, loader,
+                  ["--resume", "auto", "--max-steps", str(e2e["last"]), "--save-every", str(a + 1)])
     resume_s = time.perf_counter() - t0
     after = checkpoint_masks(run, a + 1)
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -559,7 +577,8 @@ def markdown(report: dict) -> str:
                 lines += ["", f"DALI mixed pipeline without a GPU: {part['dali_mixed_build_without_gpu']}"]
             lines += [""]
         elif name == "end_to_end":
-            lines += [f"{part['model']}, precision {part['precision']}, {part['loader']} loader, {part['processes']} process(es), steps {part['steps'][0]} then resumed to "
+            lines += [f"{part['model']}, precision {part['precision']}, {part['loader']} loader, "
+                      f"{part['processes']} process(es), steps {part['steps'][0]} then resumed to "
                       f"{part['steps'][1]}, update every {part['update_frequency']}; "
                       f"{part['masked_layers']} masked layers; ITOP rate at the checkpoint "
                       f"{fmt(part['itop_rate_at_checkpoint'], 4)}, final {fmt(part['final_itop_rate'], 4)}; "
@@ -593,7 +612,8 @@ def main() -> int:
     report = {
         "meta": {"smoke": args.smoke, "device_type": device.type,
                  "device": torch.cuda.get_device_name() if gpu else f"cpu, {os.cpu_count()} cores, no GPU used",
-                 "torch": torch.__version__, "cuda": torch.version.cuda, "dali": dali if have_dali else f"missing ({dali})",
+                 "torch": torch.__version__, "cuda": torch.version.cuda,
+                 "dali": dali if have_dali else f"missing ({dali})",
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "argv": sys.argv[1:]},
         "parts": {}, "failed_checks": [],
