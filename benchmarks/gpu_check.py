@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -60,7 +61,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -397,21 +397,32 @@ def launch(run: pathlib.Path, tree: pathlib.Path, size: dict, gpu: bool, loader:
             "--log-interval", str(e2e["log_every"]), "--keep-last", "100", "--no-progress", "--no-plots",
             "--output-dir", str(run), *extra]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "launcher.train", *args]
-    # Its own session: on a timeout the whole tree goes (the trainer is accelerate's child, and
-    # would keep the GPU).
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as child:
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as child:
         try:
             stdout, stderr = child.communicate(timeout=e2e["timeout"])
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+            kill_tree(child.pid)
             child.communicate()
-            raise
+            raise TimeoutError(f"training ({shlex.join(extra)}) did not end within {e2e['timeout']} s; "
+                               f"killed") from None
     proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise CheckFailed(f"training ({shlex.join(extra)}) exited with status {proc.returncode}: "
                           f"{failure_line(proc.stderr or proc.stdout)}")
     return proc
+
+
+def kill_tree(pid: int) -> None:
+    """Kill process ``pid`` and all its descendants: the trainers are accelerate's children (or
+    torchrun's, in sessions of their own), would keep the GPU and the output pipes, and would
+    wait forever for their launcher. psutil comes with accelerate."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for proc in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 def failure_line(output: str) -> str:
