@@ -446,11 +446,14 @@ def checkpoint_masks(run: pathlib.Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def wandb_history(run: pathlib.Path) -> tuple[list[dict], int] | str:
-    """(history records of every offline segment, number of W&B run ids), read with W&B's
-    own reader (``wandb leet inspect``, as tests/test_tracking.py does); or why not."""
+    """(history records of every offline segment, number of W&B run ids; none: the trainer
+    wrote no W&B run), read with W&B's own reader (``wandb leet inspect``, as
+    tests/test_tracking.py does); or why they cannot be read."""
+    if importlib.util.find_spec("wandb") is None:
+        return "not measured: wandb is not installed"
     segments = sorted((run / "wandb").glob("offline-run-*"))
     if not segments:
-        return "not measured: no W&B offline run (wandb not installed?)"
+        return [], 0
     beside = pathlib.Path(sys.executable).parent / "wandb"
     exe = str(beside) if beside.exists() else shutil.which("wandb")
     if exe is None:
