@@ -45,13 +45,16 @@ def epoch_folder(root: Path, passes: int) -> ImageFolder:
     return ImageFolder(f.root, f.classes, f.files * passes, f.labels.repeat(passes))
 
 
-def write_images(root: Path, count: int, classes: int, size: tuple[int, int], seed: int = 0) -> None:
-    """``count`` JPEGs in ``classes`` class folders of ``root/train``: smooth colour fields plus
-    fine noise (so they compress and decode like photos, not like flat colour)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    for i in range(count):
-        folder = root / "train" / f"n{i % classes:08d}"
+def write_images(root: Path, count: int, classes: int, sizes: list[tuple[int, int]], seed: int = 0,
+                 split: str = "train", start: int = 0) -> None:
+    """JPEGs ``start`` .. ``start + count - 1`` in ``classes`` class folders of ``root/split``,
+    image i of size ``sizes[i % len(sizes)]`` (W, H): smooth colour fields plus fine noise (so
+    they compress and decode like photos, not like flat colour). Seeded by (seed, start), so
+    that disjoint ranges can be written by parallel processes."""
+    rng = np.random.default_rng([seed, start])
+    for i in range(start, start + count):
+        w, h = sizes[i % len(sizes)]
+        folder = root / split / f"n{i % classes:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         coarse = rng.integers(0, 256, (h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)
         img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
@@ -158,7 +161,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_images(root, args.images, args.classes, tuple(args.size))
+        write_images(root, args.images, args.classes, [tuple(args.size)])
         makers = {
             "dali": lambda: dali_loader(root, args, fused=True),
             "dali-decode-then-crop": lambda: dali_loader(root, args, fused=False),
