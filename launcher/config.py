@@ -44,11 +44,15 @@ Init = Literal[INITS]  # ImageNet ResNet-50's initialisations
 @dataclass
 class ModelConfig:
     """name: registry name (``--model``); init: ``fanin``/``classic`` for ImageNet ResNet-50
-    (``-c``); channels_last: None = on for conv models on CUDA."""
+    (``-c``); channels_last: None = on for conv models on CUDA; compile: ``torch.compile`` the
+    model (inductor) before it is wrapped for the ZeRO stage."""
 
     name: str = "digits-mlp"  # a registered model (models.list_models()), in any case
     init: Init | None = None
     channels_last: bool | None = None
+    # Compile the model in place (nn.Module.compile, inductor): parameter names, checkpoints and
+    # masks are those of the eager model; masks are multiplied in outside the compiled graph.
+    compile: bool = False
     # Start from these weights (a model.safetensors, an itop-export folder or a checkpoint
     # folder); with --sparse the run's own init decides the masks.
     initial_checkpoint: str | None = None
@@ -277,11 +281,14 @@ class TrainConfig:
 # Epochs may be extended; cadences of logs, evaluations and checkpoints, where the data lies and
 # how it is decoded, and the machine (device, processes, sharding, and so the per-process batch
 # and accumulation: the elastic rule of launcher/trainer.py) may change; so may the name of the
-# preset, whose values are settings of their own.
+# preset, whose values are settings of their own. --compile may change too: compiled kernels
+# round differently from eager ones, but the model, its masks and the recipe are the same, so a
+# run resumed with or without it is the same experiment (as with channels_last and the machine).
 RESUMABLE = ("schedule.epochs", "schedule.max_steps", "schedule.eval_every", "checkpoint.", "log.", "dist_timeout",
              "data.data_dir", "data.download", "data.num_workers", "data.loader", "data.batch_size",
              "data.test_batch_size", "data.check_data", "optim.accumulate", "device", "sharding",
-             "shard_group_size", "model.channels_last", "model.initial_checkpoint", "tickets.label", "preset")
+             "shard_group_size", "model.channels_last", "model.compile", "model.initial_checkpoint", "tickets.label",
+             "preset")
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:
