@@ -568,6 +568,7 @@ class Trainer:
             correct += (logits.argmax(1) == y).sum()
             count += y.numel()
         self.fire(Event.AFTER_BACKWARD)
+        # re-mask, prune and regrow on update steps; nothing after an fp16 step skipped for inf/NaN
         report = optimizer_and_sparse_step(self.optimizer, self.sparsifier)
         self.state.step += 1
         # This step's cost (a RigL update step needed the dense gradient), then new densities.
