@@ -190,12 +190,18 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self.stage = self._sharding_stage()
         self.sharded = self.stage in FSDP_STAGES
+        if cfg.model.compile and self.sharded:
+            # Measured (torch 2.14, 2 gloo processes, zero3): dynamo meets FSDP2's hooks inside
+            # the compiled model, breaks the graph in their loop and runs the whole model eagerly.
+            raise ConfigError(f"--compile with --sharding {self.stage}: torch.compile cannot trace FSDP2's "
+                              f"hooks and would run the model uncompiled; use --sharding ddp or zero1 "
+                              f"with --compile, or drop --compile")
         if cfg.model.compile:
-            # Before wrapping, as timm and torchtitan compile: DDP and FSDP2's hooks stay outside
-            # the compiled code. In place (nn.Module.compile), so the model keeps its type and
-            # parameter names (no _orig_mod); the Sparsifier multiplies masks into the parameters
-            # in place between steps, outside the graph, whose inputs they are: a mask update
-            # changes values only and never recompiles.
+            # Before DDP wraps it (as timm compiles), so DDP's hooks stay outside the compiled code.
+            # In place (nn.Module.compile): the model keeps its type and parameter names (no
+            # _orig_mod). The Sparsifier multiplies masks into the parameters in place between
+            # steps, outside the graph, whose inputs they are: an update changes values only and
+            # never recompiles (tests/test_device_paths.py).
             model.compile()
         if self.stage != "ddp" and acc.num_processes < 2:
             raise ConfigError(f"--sharding {self.stage} needs at least 2 processes (this is 1): launch with "

@@ -186,6 +186,17 @@ def test_compiled_sparse_run_keeps_masks_exact_and_never_recompiles_for_an_updat
     assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
+def test_compile_with_an_fsdp2_stage_is_refused_in_one_line(tmp_path):
+    from launcher.config import ConfigError
+    from launcher.trainer import Trainer
+
+    cfg = parse_config(shlex.split(f"{DIGITS} --compile --sharding zero3 --output-dir {tmp_path} --device cpu "
+                                   f"--no-progress --no-wandb"))
+    with pytest.raises(ConfigError, match=r"^--compile with --sharding zero3: .* use --sharding ddp or zero1"):
+        Trainer(cfg)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # the run folder as it was
+
+
 @pytest.mark.slow
 def test_compiled_resume_is_exact_and_checkpoints_interchange_with_eager_runs(tmp_path):
     args = f"{DIGITS} --growth gradient --update_frequency 10 --epochs 2"  # 22 steps per epoch
