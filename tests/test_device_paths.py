@@ -186,6 +186,16 @@ def test_compiled_sparse_run_keeps_masks_exact_and_never_recompiles_for_an_updat
     assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
+def test_compile_is_off_by_default_and_resumable_either_way():
+    from launcher.config import identity_hash
+
+    eager, compiled = parse_config(shlex.split(DIGITS)), parse_config(shlex.split(f"{DIGITS} --compile"))
+    assert (eager.model.compile, compiled.model.compile) == (False, True)
+    assert parse_config(shlex.split(f"{DIGITS} --compile --no-compile")).model.compile is False
+    # the same experiment: the same identity, so the same default run folder and --resume auto
+    assert identity_hash(eager.to_dict()) == identity_hash(compiled.to_dict()) and eager.run_dir == compiled.run_dir
+
+
 def test_compile_with_an_fsdp2_stage_is_refused_in_one_line(tmp_path):
     from launcher.config import ConfigError
     from launcher.trainer import Trainer
