@@ -197,6 +197,19 @@ def test_compile_is_off_by_default_and_resumable_either_way():
     assert identity_hash(eager.to_dict()) == identity_hash(compiled.to_dict()) and eager.run_dir == compiled.run_dir
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_compiled_ddp_ranks_train_one_sparse_network(tmp_path):
+    """Compiled before DDP wraps it: both ranks end with rank 0's masks, explored union and
+    weights (the run checks this itself and fails otherwise) after 8 updates."""
+    from test_distributed import assert_identical, launch, ranks
+
+    launch(tmp_path, "--sharding ddp --growth gradient --compile --no-wandb")
+    r0, r1 = ranks(tmp_path)
+    assert_identical(r0, r1)
+    assert r0["updates"] == 8 and r0["summary"]["ranks_identical"]
+
+
 def test_compile_with_an_fsdp2_stage_is_refused_in_one_line(tmp_path):
     from launcher.config import ConfigError
     from launcher.trainer import Trainer
