@@ -50,8 +50,9 @@ class ModelConfig:
     name: str = "digits-mlp"  # a registered model (models.list_models()), in any case
     init: Init | None = None
     channels_last: bool | None = None
-    # Compile the model in place (nn.Module.compile, inductor): parameter names, checkpoints and
-    # masks are those of the eager model; masks are multiplied in outside the compiled graph.
+    # torch.compile the model (inductor) in place, before DDP wraps it: parameter names,
+    # checkpoints and masks stay the eager model's, so it may change on --resume; refused with
+    # the FSDP2 stages (zero2, zero3, hsdp), whose hooks make it run uncompiled.
     compile: bool = False
     # Start from these weights (a model.safetensors, an itop-export folder or a checkpoint
     # folder); with --sparse the run's own init decides the masks.
