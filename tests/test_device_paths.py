@@ -3,6 +3,7 @@ fp16 loss scaler's skipped steps and the per-device mask multiplier. Each test c
 that a plausible bug would change (a mask not applied, a recompiling update, an fp32 forward,
 a skipped step that still counts)."""
 
+import copy
 import shlex
 
 import pytest
@@ -265,20 +266,44 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_masked_weights_zero(tmp_p
 
 
 @pytest.mark.slow
-def test_channels_last_on_cpu_trains_the_same_masks_as_nchw(tmp_path):
+def test_channels_last_on_cpu_trains_with_channels_last_weights_and_inputs(tmp_path):
+    """Forced on the CPU: the first conv sees a channels_last batch and weight at every step,
+    masks apply (masked weights zero after every step) and update. The masks of the two runs
+    are not compared: channels_last kernels round differently, and after the first update 6 of
+    270,896 entries (near-ties of magnitude) already differ; the next test compares the mask
+    decision itself."""
     class Formats(StepChecks):
-        def watch(self, run) -> None:  # conv2: 20 channels in (conv1's one channel fits both layouts)
+        def watch(self, run) -> None:  # the first conv: its 3-channel input is the loader's batch
             self.seen = set()
-            run.accelerator.unwrap_model(run.model).conv2.register_forward_pre_hook(lambda m, i: self.seen.add(
+            run.accelerator.unwrap_model(run.model).conv.register_forward_pre_hook(lambda m, i: self.seen.add(
                 (i[0].is_contiguous(memory_format=torch.channels_last),
                  m.weight.is_contiguous(memory_format=torch.channels_last))))
 
-    args = ("--sparse --model lenet5 --data synthetic --synthetic-shape 1,28,28 --synthetic-size 160 "
-            "--batch-size 16 --density 0.2 --growth random --update_frequency 2 --epochs 2 --max-steps 8 --seed 3")
-    runs = {}
-    for layout in ("true", "false"):
-        runs[layout] = checks = Formats()
+    args = ("--sparse --model cifar_resnet_20 --data synthetic --synthetic-shape 3,32,32 --synthetic-size 160 "
+            "--batch-size 16 --density 0.2 --growth random --update_frequency 2 --epochs 2 --max-steps 6 --seed 3")
+    for layout, seen in (("true", {(True, True)}), ("false", {(False, False)})):
+        checks = Formats()
         run_in_process(f"{args} --channels-last {layout}", tmp_path / layout, checks)
-        assert checks.changes == 4  # an update at steps 2, 4, 6, 8
-    assert runs["true"].seen == {(True, True)} and runs["false"].seen == {(False, False)}
-    assert all(torch.equal(runs["true"].masks[n], runs["false"].masks[n]) for n in runs["true"].masks)
+        assert checks.seen == seen and checks.changes == 3  # an update at steps 2, 4, 6
+
+
+def test_mask_updates_decide_the_same_on_channels_last_weights():
+    """The same weights in either layout get the same masks, update after update (magnitude
+    prune, random regrowth from the mask seed), and stay channels_last: a mask read or written
+    in storage order instead of index order would scramble them."""
+    torch.manual_seed(0)
+    nchw = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3))
+    cl = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    config = SparseConfig(density=0.3, growth="random", update_frequency=1)
+    a, b = (Sparsifier(m, None, config, total_steps=100) for m in (nchw, cl))
+    initial = copy_masks(a)
+    for _ in range(3):
+        with torch.no_grad():  # new weights, equal in both, as if trained
+            for p, q in zip(nchw.parameters(), cl.parameters()):
+                p.add_(torch.randn_like(p))
+                q.copy_(p)
+        a.update(), b.update()
+        assert all(torch.equal(a.state.masks[n], b.state.masks[n]) for n in a.state.masks)
+        assert all(torch.equal(p, q) for p, q in zip(nchw.parameters(), cl.parameters()))
+    assert masked_weights_are_zero(b) and cl[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(not torch.equal(initial[n], b.state.masks[n]) for n in initial)  # the updates moved them
