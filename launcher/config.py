@@ -45,7 +45,7 @@ Init = Literal[INITS]  # ImageNet ResNet-50's initialisations
 class ModelConfig:
     """name: registry name (``--model``); init: ``fanin``/``classic`` for ImageNet ResNet-50
     (``-c``); channels_last: None = on for conv models on CUDA; compile: ``torch.compile`` the
-    model (inductor) before it is wrapped for the ZeRO stage."""
+    model (inductor) before DDP wraps it (ddp, zero1; refused with the FSDP2 stages)."""
 
     name: str = "digits-mlp"  # a registered model (models.list_models()), in any case
     init: Init | None = None

@@ -186,7 +186,8 @@ class Trainer:
 
     def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         """The ZeRO stage's wrapping (launcher/parallel.py): FSDP2 here for zero2/zero3/hsdp;
-        replicated models (ddp, zero1) are wrapped in DDP by ``prepare``."""
+        replicated models (ddp, zero1) are wrapped in DDP by ``prepare``, compiled first with
+        ``--compile``."""
         acc, cfg = self.accelerator, self.cfg
         self.stage = self._sharding_stage()
         self.sharded = self.stage in FSDP_STAGES
