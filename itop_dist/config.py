@@ -42,7 +42,7 @@ class SparseConfig:
         weights (sparse momentum, docs/algorithms.md §4.3).
     apply_mode: how masks are multiplied in: ``float`` keeps a float copy of each mask
         (fastest on CPU, measured in benchmarks/), ``bool`` multiplies by the bool mask,
-        ``auto`` picks the measured fastest for the device.
+        ``auto`` picks the measured fastest for the device (``sparsifier.resolve_apply_mode``).
     exclude: substrings of parameter names that stay dense and unmasked (e.g. the first conv).
     seed: seed of the mask generator; kept apart from the data and augmentation RNGs.
     """

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from itop_dist import collectives
-from itop_dist.config import SparseConfig
+from itop_dist.config import APPLY_MODES, SparseConfig
 from itop_dist.methods import METHODS, Method, UpdateInputs, UpdateResult
 from itop_dist.state import Shard, SparseState
 
@@ -120,6 +120,29 @@ def _shard_mesh_dim(p: torch.Tensor) -> int | None:
         raise ValueError(f"a weight sharded over mesh dimensions {dims} (placements {p.placements}): "
                          f"sparse masks support one sharded dimension (FSDP/HSDP)")
     return dims[0] if dims else None
+
+
+# apply_mode "auto" by device type (resolve_apply_mode's docstring gives the figures); the
+# cuda entry is the unmeasured default, for the GPU check to confirm or change.
+AUTO_APPLY_MODES = {"cpu": "float", "cuda": "float"}
+
+
+def resolve_apply_mode(mode: str, device_type: str) -> str:
+    """``"float"`` or ``"bool"``: how masks are multiplied into weights on ``device_type``
+    (``torch.device.type``: ``"cpu"``, ``"cuda"``, ...) for ``SparseConfig.apply_mode``
+    ``mode``; ``"float"`` and ``"bool"`` stand as given, ``"auto"`` is resolved per device.
+
+    CPU: float, a cached float copy of each mask, multiplied in place: 16.9 ms vs 57.2 ms for
+    the bool mask (3.4x) on ResNet-50 at density 0.2 (benchmarks/bench_masks.py,
+    benchmarks/RESULTS.md, 2-core CPU, 2026-11-23), at 4 bytes per weight instead of 1.
+    CUDA and any other device: float too, the current default, until the GPU check measures
+    float vs bool there (the same script on a GPU machine). Raises ValueError for another
+    ``mode`` (itop_dist.config.APPLY_MODES lists them)."""
+    if mode not in APPLY_MODES:
+        raise ValueError(f"--mask-apply: {mode!r} is unknown; choose one of {list(APPLY_MODES)}")
+    if mode != "auto":
+        return mode
+    return AUTO_APPLY_MODES.get(device_type, "float")
 
 
 @dataclass
@@ -523,14 +546,13 @@ class Sparsifier:
 
     def _refresh_multipliers(self) -> None:
         """The multiplier of each weight's local block: its mask block (the whole mask when
-        replicated) as the weight's dtype, or as bool."""
-        mode = self.config.apply_mode
-        if mode == "auto":  # a float copy multiplies 2-3x faster than bool on CPU (benchmarks/)
-            mode = "float"
+        replicated) as the weight's dtype, or as bool (:func:`resolve_apply_mode` for the
+        weight's device)."""
         self._mult = {}
         for name, mask in self.state.masks.items():
             p = self.params[name]
             block = mask.to(_local(p).device)
+            mode = resolve_apply_mode(self.config.apply_mode, block.device.type)
             self._mult[name] = block.to(p.dtype) if mode == "float" else block
 
     def _zero(self, positions: dict[str, torch.Tensor]) -> None:

@@ -47,12 +47,18 @@ class ModelConfig:
     """name: registry name (``--model``), or ``timm/NAME`` for any timm model; init:
     ``fanin``/``classic`` for ImageNet ResNet-50 (``-c``); kwargs: a timm model's keyword
     arguments as ``key=value`` texts (``--model-kwargs img_size=8 patch_size=2``, parsed as
-    timm's train.py does); channels_last: None = on for conv models on CUDA."""
+    timm's train.py does); channels_last: None = on for conv models on CUDA; compile:
+    ``torch.compile`` the model (inductor) before DDP wraps it (ddp, zero1; refused with the
+    FSDP2 stages)."""
 
     name: str = "digits-mlp"  # a registered model (models.list_models()) in any case, or timm/NAME
     init: Init | None = None
     kwargs: tuple[str, ...] = ()  # a timm model's keyword arguments, key=value (timm's train.py --model-kwargs)
     channels_last: bool | None = None
+    # torch.compile the model (inductor) in place, before DDP wraps it: parameter names,
+    # checkpoints and masks stay the eager model's, so it may change on --resume; refused with
+    # the FSDP2 stages (zero2, zero3, hsdp), whose hooks make it run uncompiled.
+    compile: bool = False
     # Start from these weights (a model.safetensors, an itop-export folder or a checkpoint
     # folder); with --sparse the run's own init decides the masks.
     initial_checkpoint: str | None = None
@@ -287,11 +293,14 @@ class TrainConfig:
 # Epochs may be extended; cadences of logs, evaluations and checkpoints, where the data lies and
 # how it is decoded, and the machine (device, processes, sharding, and so the per-process batch
 # and accumulation: the elastic rule of launcher/trainer.py) may change; so may the name of the
-# preset, whose values are settings of their own.
+# preset, whose values are settings of their own. --compile may change too: compiled kernels
+# round differently from eager ones, but the model, its masks and the recipe are the same, so a
+# run resumed with or without it is the same experiment (as with channels_last and the machine).
 RESUMABLE = ("schedule.epochs", "schedule.max_steps", "schedule.eval_every", "checkpoint.", "log.", "dist_timeout",
              "data.data_dir", "data.download", "data.num_workers", "data.loader", "data.batch_size",
              "data.test_batch_size", "data.check_data", "optim.accumulate", "device", "sharding",
-             "shard_group_size", "model.channels_last", "model.initial_checkpoint", "tickets.label", "preset")
+             "shard_group_size", "model.channels_last", "model.compile", "model.initial_checkpoint", "tickets.label",
+             "preset")
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
@@ -31,7 +32,7 @@ import models
 from data_pipelines import ShardedLoader, build_loaders, check_loaders
 from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, maskable_parameters, total_steps
 from itop_dist.schedules import schedule_problem
-from itop_dist.sparsifier import full_tensor
+from itop_dist.sparsifier import UpdateReport, full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
 from launcher.config import FSDP_STAGES, ConfigError, TrainConfig, flat_config, save_config
 from launcher import plots
@@ -184,10 +185,24 @@ class Trainer:
 
     def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         """The ZeRO stage's wrapping (launcher/parallel.py): FSDP2 here for zero2/zero3/hsdp;
-        replicated models (ddp, zero1) are wrapped in DDP by ``prepare``."""
+        replicated models (ddp, zero1) are wrapped in DDP by ``prepare``, compiled first with
+        ``--compile``."""
         acc, cfg = self.accelerator, self.cfg
         self.stage = self._sharding_stage()
         self.sharded = self.stage in FSDP_STAGES
+        if cfg.model.compile and self.sharded:
+            # Measured (torch 2.14, 2 gloo processes, zero3): dynamo meets FSDP2's hooks inside
+            # the compiled model, breaks the graph in their loop and runs the whole model eagerly.
+            raise ConfigError(f"--compile with --sharding {self.stage}: torch.compile cannot trace FSDP2's "
+                              f"hooks and would run the model uncompiled; use --sharding ddp or zero1 "
+                              f"with --compile, or drop --compile")
+        if cfg.model.compile:
+            # Before DDP wraps it (as timm compiles), so DDP's hooks stay outside the compiled code.
+            # In place (nn.Module.compile): the model keeps its type and parameter names (no
+            # _orig_mod). The Sparsifier multiplies masks into the parameters in place between
+            # steps, outside the graph, whose inputs they are: an update changes values only and
+            # never recompiles (tests/test_device_paths.py).
+            model.compile()
         if self.stage != "ddp" and acc.num_processes < 2:
             raise ConfigError(f"--sharding {self.stage} needs at least 2 processes (this is 1): launch with "
                               "accelerate launch --multi_gpu --num_processes N, N >= 2, or use --sharding ddp")
@@ -559,12 +574,9 @@ class Trainer:
             correct += (logits.argmax(1) == y).sum()
             count += y.numel()
         self.fire(Event.AFTER_BACKWARD)
-        self.optimizer.step()
+        # re-mask, prune and regrow on update steps; nothing after an fp16 step skipped for inf/NaN
+        report = optimizer_and_sparse_step(self.optimizer, self.sparsifier)
         self.state.step += 1
-        # A step skipped for inf/NaN gradients (fp16) changed no weight: no mask hook.
-        report = None
-        if self.sparsifier is not None and not acc.optimizer_step_was_skipped:
-            report = self.sparsifier.step()  # re-mask; prune and regrow on update steps
         # This step's cost (a RigL update step needed the dense gradient), then new densities.
         cost_kind = self.sparsifier.method.cost_kind if self.sparsifier is not None else None
         self.flops.step(None, count * acc.num_processes, cost_kind, update_step=report is not None)
@@ -721,6 +733,24 @@ class Trainer:
         self.preemption.close()
         self.tracker.finish()
         self.accelerator.end_training()
+
+
+def optimizer_and_sparse_step(optimizer: torch.optim.Optimizer, sparsifier: Sparsifier | None) -> UpdateReport | None:
+    """``optimizer.step()``, then ``sparsifier.step()`` (re-mask; prune and regrow on update
+    steps) unless the optimizer skipped the step. Returns the mask update's report, None when
+    there was none.
+
+    An fp16 loss scaler (Accelerate's AcceleratedOptimizer holding a ``torch.amp.GradScaler``)
+    skips a step whose gradients hold inf/NaN; that step changed no weight, so it neither
+    advances the Sparsifier's step count (the mask schedule) nor updates masks from those
+    gradients. Device-agnostic: the verdict is the AcceleratedOptimizer's
+    (``step_was_skipped``: the scaler's scale fell in the step), so a ``GradScaler("cpu")``
+    drives it in the tests as a CUDA one does in fp16 runs; a bare optimizer (FSDP2 stages,
+    which refuse fp16) never skips."""
+    optimizer.step()
+    if sparsifier is None or (isinstance(optimizer, AcceleratedOptimizer) and optimizer.step_was_skipped):
+        return None
+    return sparsifier.step()
 
 
 def _build_accelerator(cfg: TrainConfig) -> Accelerator:
