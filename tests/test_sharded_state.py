@@ -1,8 +1,9 @@
 """The sparse state sharded like the parameters under FSDP2 (docs/algorithms.md §12.3): each rank
 holds its shard of every mask and explored union, the decisions are those of the unsharded run,
-a corrupted shard is caught, an update streams through rank 0 one layer at a time. Two processes with real ``accelerate launch`` on gloo. The
-decisions equal the replicated run's and each rank holds half of the state: the stage matrix of
-test_distributed.py; the single-process tests of the sharded path: test_sparsifier.py."""
+a corrupted shard is caught, an update streams through rank 0 one layer at a time. Two
+processes with real ``accelerate launch`` on gloo. The decisions equal the replicated run's and
+each rank holds half of the state: the stage matrix of test_distributed.py; the single-process
+tests of the sharded path: test_sparsifier.py."""
 
 from __future__ import annotations
 
