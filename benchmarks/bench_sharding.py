@@ -21,7 +21,9 @@ steps on random data (batch 8 per rank) and then reports, per rank:
   it (torch.distributed's collectives wrapped during the update, in the benchmark process
   only: what this rank puts on the wire; a broadcast's root sends its tensor to each of the
   other ranks, an all-reduce counts as a ring 2(n-1)/n of the tensor) and its peak extra
-  memory (the RSS high-water mark reset before it, via /proc/self/clear_refs).
+  memory (the RSS high-water mark reset before it, via /proc/self/clear_refs), and the
+  Sparsifier's own record of it (``sparsifier.update_cost``, where the Sparsifier keeps one):
+  the most bytes of full-layer tensors rank 0 held at once for the decision.
 
 Memory columns are the largest over ranks; "sent r0" is rank 0 (the deciding rank), "sent
 other" the largest of the other ranks. Usage::
@@ -252,6 +254,7 @@ def worker(rank: int, world: int, port: int, name: str, stage: str, steps: int, 
               "rss_start_mb": rss_start, "step_s": statistics.median(times), "step_times": times,
               "update_s": update_s, "update_sent": counter.sent, "update_calls": counter.calls,
               "update_extra_mb": (update_peak - rss_before) if reset else None,
+              "update_held": sp.update_cost.held_bytes if getattr(sp, "update_cost", None) else None,
               "density": sp.density}
     Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -284,6 +287,8 @@ def summarise(ranks: list[dict]) -> dict:
     row["sent_other"] = max((r["update_sent"] for r in ranks[1:]), default=0) / MB
     extra = [r["update_extra_mb"] for r in ranks if r["update_extra_mb"] is not None]
     row["update_extra"] = max(extra) if extra else float("nan")
+    held = ranks[0].get("update_held")
+    row["update_held"] = held / MB if held is not None else float("nan")
     row["ddp_buckets"] = max(r["ddp_buckets"] for r in ranks) / MB
     return row
 
@@ -291,7 +296,7 @@ def summarise(ranks: list[dict]) -> dict:
 def table(name: str, n: int, rows: dict[str, dict], group_size: int) -> str:
     head = ("| stage | params MB | grads MB | optimizer MB | sparse state MB | mask mult. MB | total MB "
             "| total vs ddp | peak RSS MB (less runtime) | step s | update s | update vs zero3 "
-            "| update MB sent r0 / other | update extra RSS MB |")
+            "| update MB sent r0 / other | update extra RSS MB | update held r0 MB |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     base = rows.get("ddp")
     ref = rows.get("zero3")
@@ -303,7 +308,7 @@ def table(name: str, n: int, rows: dict[str, dict], group_size: int) -> str:
             f"| {label} | {r['params']:.1f} | {r['grads']:.1f} | {r['optimizer']:.1f} | {r['sparse']:.2f} "
             f"| {r['multipliers']:.1f} | {r['total']:.1f} | {vs_ddp} | {r['peak_rss']:.0f} ({r['peak_less_start']:.0f}) "
             f"| {r['step_s']:.2f} | {r['update_s']:.2f} | {vs_z3} | {r['sent_r0']:.2f} / {r['sent_other']:.2f} "
-            f"| {r['update_extra']:.0f} |")
+            f"| {r['update_extra']:.0f} | {r['update_held']:.1f} |")
     return "\n".join(lines)
 
 

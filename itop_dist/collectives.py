@@ -7,6 +7,7 @@ world has one process, so the single-process path never touches a process group.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,25 @@ def _named(fn):
             raise CollectiveTimeout(f"{fn.__name__}: rank {rank()} waited past --dist-timeout for the other "
                                     f"ranks ({text.splitlines()[0][:200]})") from err
     return wrapper
+
+
+@dataclass
+class Traffic:
+    """Bytes this process put on the wire (``sent``) and took off it (``received``) in this
+    module's tensor collectives since it started, as the collectives' logical transfers: a
+    gather's root receives every other member's buffer, a scatter's and a broadcast's root
+    sends one to every other member, an all-gather sends and receives n - 1 buffers, an
+    all-reduce 2 (n - 1) / n of its tensor (a ring). Read the difference around a piece of work."""
+
+    sent: int = 0
+    received: int = 0
+
+    def add(self, sent: int, received: int) -> None:
+        self.sent += int(sent)
+        self.received += int(received)
+
+
+TRAFFIC = Traffic()
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -107,6 +127,32 @@ def differing_settings(settings: dict[str, object], group: dist.ProcessGroup | N
     return [line for lines in gathered for line in lines]
 
 
+def counts_bytes(n: int) -> int:
+    """Bytes of ``n`` int64 values."""
+    return 8 * n
+
+
+def _count_from_root(nbytes: int, group: dist.ProcessGroup | None) -> None:
+    """A broadcast or scatter of ``nbytes`` per member: the root sends one to each other member."""
+    if is_rank0(group):
+        TRAFFIC.add(nbytes * (world_size(group) - 1), 0)
+    else:
+        TRAFFIC.add(0, nbytes)
+
+
+def _count_to_root(nbytes: int, group: dist.ProcessGroup | None) -> None:
+    """A gather of ``nbytes`` per member: the root receives one from each other member."""
+    if is_rank0(group):
+        TRAFFIC.add(0, nbytes * (world_size(group) - 1))
+    else:
+        TRAFFIC.add(nbytes, 0)
+
+
+def _count_all_gather(nbytes: int, group: dist.ProcessGroup | None) -> None:
+    n = world_size(group)
+    TRAFFIC.add(nbytes * (n - 1), nbytes * (n - 1))
+
+
 def _as_indices(numel: int, nnz: int) -> bool:
     """Int32 indices (4 bytes per active weight) beat 1 bit per weight below density 1/32."""
     return 4 * nnz < (numel + 7) // 8
@@ -166,6 +212,7 @@ def broadcast_masks(
     else:
         buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
     dist.broadcast(buffer, src=src, group=group)
+    _count_from_root(counts_bytes(len(shapes)) + buffer.numel(), group)
     chunks = torch.split(buffer.cpu(), sizes)
     return {n: decode_mask(c, s, k) for (n, s), c, k in zip(shapes.items(), chunks, counts)}
 
@@ -203,6 +250,7 @@ def check_same(tensors: dict[str, torch.Tensor], what: str = "masks",
     local = checksums(tensors).to(device)
     gathered = [torch.empty_like(local) for _ in range(world_size(group))]
     dist.all_gather(gathered, local, group=group)
+    _count_all_gather(local.numel() * local.element_size(), group)
     table = torch.stack(gathered).cpu()
     differs = (table != table[0]).any(dim=0)
     if bool(differs.any()):
@@ -232,6 +280,23 @@ def shard_group(mesh, mesh_dim: int) -> dist.ProcessGroup:
     return mesh.get_group(mesh_dim)
 
 
+def root_shard_ranks(shard_group: dist.ProcessGroup | None, group: dist.ProcessGroup | None = None
+                     ) -> list[int] | None:
+    """The members of ``shard_group`` (the shard group of this rank for one weight; None for
+    a replicated weight: ``group``'s rank 0 alone), as ranks of ``group``, in ``shard_group``'s
+    rank order, when that group is the one of ``group``'s rank 0 and holds this process; None
+    otherwise (this rank is in another HSDP replica, or the weight is replicated and this is
+    not rank 0). The ranks from which one copy of every block of the weight is gathered."""
+    if world_size(group) == 1:
+        return [0]
+    root = dist.get_global_rank(group, 0) if group is not None else 0
+    members = [root] if shard_group is None else [dist.get_global_rank(shard_group, j)
+                                                  for j in range(world_size(shard_group))]
+    if dist.get_rank() not in members or root not in members:
+        return None
+    return [dist.get_group_rank(group, g) if group is not None else g for g in members]
+
+
 @_named
 def sum_over_shards(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Sum of every shard group member's ``values`` (an int64 vector, e.g. this rank's
@@ -242,6 +307,8 @@ def sum_over_shards(values: torch.Tensor, group: dist.ProcessGroup | None) -> to
         return values.cpu()
     t = values.to(device=_comm_device(group), dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    ring = 2 * (world_size(group) - 1) * counts_bytes(t.numel()) // world_size(group)
+    TRAFFIC.add(ring, ring)
     return t.cpu()
 
 
@@ -276,12 +343,15 @@ def gather_shards(local: torch.Tensor, numels: list[int], group: dist.ProcessGro
     size = max(numels)
     send = torch.zeros(size, dtype=flat.dtype, device=device)
     send[:flat.numel()] = flat.to(device)
+    nbytes = send.numel() * send.element_size()
     if everywhere:
         received = [torch.empty_like(send) for _ in numels]
         dist.all_gather(received, send, group=group)
+        _count_all_gather(nbytes, group)
     else:
         received = [torch.empty_like(send) for _ in numels] if is_rank0(group) else None
         dist.gather(send, received, dst=dist.get_global_rank(group, 0) if group else 0, group=group)
+        _count_to_root(nbytes, group)
         if received is None:
             return None
     return [r[:n].cpu().to(dtype) for r, n in zip(received, numels)]
@@ -298,6 +368,7 @@ def broadcast_int64(values: torch.Tensor | None, shape: tuple[int, ...],
     device = _comm_device(group)
     t = values.to(device) if is_rank0(group) else torch.empty(shape, dtype=torch.int64, device=device)
     dist.broadcast(t, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    _count_from_root(counts_bytes(t.numel()), group)
     return t.cpu()
 
 
@@ -325,6 +396,7 @@ def scatter_masks(pieces: list[torch.Tensor] | None, shapes: list[tuple[int, ...
         for chunk, piece, n in zip(chunks, pieces, sizes):
             chunk[:n] = encode_mask(piece.cpu()).to(device)
     dist.scatter(received, chunks, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    _count_from_root(size, group)
     return decode_mask(received[:sizes[me]].cpu(), shapes[me], counts[me])
 
 
@@ -342,6 +414,7 @@ def check_against(local: torch.Tensor, expected: torch.Tensor, names: list[str],
         device = _comm_device(group)
         gathered = [torch.empty_like(local, device=device) for _ in range(world_size(group))]
         dist.all_gather(gathered, local.to(device), group=group)
+        _count_all_gather(counts_bytes(local.numel()), group)
         table = torch.stack(gathered).cpu()
     differs = (table != expected).any(dim=0)
     if bool(differs.any()):

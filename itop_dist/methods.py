@@ -1,15 +1,17 @@
 """Sparse training methods, registered by name.
 
 A method decides the initial masks and, at its update steps, the new masks. It runs on rank 0
-only, on full (unsharded) tensors, and is pure: tensors in, masks out. The
-:class:`~itop_dist.sparsifier.Sparsifier` gathers its inputs, broadcasts its outputs and applies
-them; the training loop never sees which method runs.
+only, on full (unsharded) tensors, and is pure: tensors in, masks out. An update is a
+:class:`Plan`: a few cheap survey passes over the layers, then one decision per layer, so that
+the :class:`~itop_dist.sparsifier.Sparsifier` can feed it all layers at once (replicated runs)
+or stream it one layer at a time (sharded runs, docs/algorithms.md §12.3); it gathers the
+inputs, sends the outputs and applies them; the training loop never sees which method runs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,8 +75,83 @@ class UpdateResult:
     regrown: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class Layer:
+    """One layer's full tensors at an update, what a :class:`Plan` reads.
+
+    index: the layer's position among all masked layers (the ``layer`` of
+    :func:`mask_generator`); weight: any float dtype; mask: bool, the weight's shape; grad /
+    momentum: the weight's shape, or None where the method does not need them (always None
+    in survey passes)."""
+
+    index: int
+    name: str
+    weight: torch.Tensor
+    mask: torch.Tensor
+    grad: torch.Tensor | None = None
+    momentum: torch.Tensor | None = None
+
+
+@dataclass
+class Decision:
+    """A plan's decision for one layer: the new mask and the grown positions (bool, the
+    layer's shape) and how many weights were pruned and regrown."""
+
+    mask: torch.Tensor
+    grown: torch.Tensor
+    pruned: int
+    regrown: int
+
+
+class Plan:
+    """One update of a method, decided one layer at a time (docs/algorithms.md §12.3), so that
+    a sharded run streams it: rank 0 never holds more than one layer's full tensors.
+
+    What a layer's decision needs from the whole model is collected first in ``surveys``
+    passes over the layers in order (each layer's weight and mask only): ``survey(k, layer)``
+    for every layer, then ``finish(k)``; its result is a few numbers per layer at most. Then
+    ``decide(layer)`` for every layer, in order. ``surveys`` depends on the method, the step
+    and the configuration only, never on the tensors, so every rank knows how many passes to
+    take part in. ``rate``: the prune rate of the update, for logs."""
+
+    surveys = 0
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def survey(self, k: int, layer: Layer) -> None:
+        raise NotImplementedError
+
+    def finish(self, k: int) -> None:
+        raise NotImplementedError
+
+    def decide(self, layer: Layer) -> Decision:
+        raise NotImplementedError
+
+
+def survey_layers(plan, layers: list[Layer]) -> None:
+    """Every survey pass of ``plan`` (a :class:`Plan` or :class:`GlobalMagnitude`) over
+    ``layers`` held together (the unsharded path)."""
+    for k in range(plan.surveys):
+        for layer in layers:
+            plan.survey(k, layer)
+        plan.finish(k)
+
+
+def run_plan(plan: Plan, inputs: UpdateInputs) -> UpdateResult:
+    """``plan`` over the full tensors of ``inputs``, all layers at once: the unsharded path,
+    with the same survey and per-layer decisions as the streamed one."""
+    layers = [Layer(i, n, inputs.weights[n], m, inputs.grads.get(n), inputs.momenta.get(n))
+              for i, (n, m) in enumerate(inputs.masks.items())]
+    survey_layers(plan, layers)
+    decisions = {layer.name: plan.decide(layer) for layer in layers}
+    return UpdateResult({n: d.mask for n, d in decisions.items()}, {n: d.grown for n, d in decisions.items()},
+                        plan.rate, pruned={n: d.pruned for n, d in decisions.items()},
+                        regrown={n: d.regrown for n, d in decisions.items()})
+
+
 class Method:
-    """Base class: the initial masks, the update steps and (in subclasses) the update."""
+    """Base class: the initial masks, the update steps and (in subclasses) the update's plan."""
 
     name = "method"
     needs_grads = False
@@ -94,14 +171,15 @@ class Method:
         c = self.config
         return topology.layer_densities(c.sparse_init, shapes, c.density, c.erk_power_scale)
 
+    def initial_mask(self, index: int, shape: tuple[int, ...], density: float) -> torch.Tensor:
+        """Layer ``index``'s initial mask (bool, ``shape``) at ``density`` (from
+        :meth:`initial_densities`), drawn from ``mask_generator(seed, 0, index)``."""
+        return topology.random_mask(shape, density, mask_generator(self.config.seed, 0, index),
+                                    self.config.exact_init)
+
     def initial_masks(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         densities = self.initial_densities(shapes)
-        return {
-            name: topology.random_mask(
-                shape, densities[name], mask_generator(self.config.seed, 0, i), self.config.exact_init
-            )
-            for i, (name, shape) in enumerate(shapes.items())
-        }
+        return {name: self.initial_mask(i, shape, densities[name]) for i, (name, shape) in enumerate(shapes.items())}
 
     @property
     def cost_kind(self) -> str:
@@ -112,8 +190,22 @@ class Method:
     def is_update_step(self, step: int) -> bool:
         return self.updates.is_update_step(step)
 
-    def update(self, inputs: UpdateInputs) -> UpdateResult:
+    def plan(self, shapes: dict[str, tuple[int, ...]], step: int, update_index: int) -> Plan:
+        """The update at ``step`` (the ``update_index``-th), for layers of ``shapes`` (in
+        layer order); a pure function of these and the configuration."""
         raise NotImplementedError
+
+    def update(self, inputs: UpdateInputs) -> UpdateResult:
+        """The update over full tensors, all layers at once (:func:`run_plan` of :meth:`plan`)."""
+        shapes = {n: tuple(m.shape) for n, m in inputs.masks.items()}
+        return run_plan(self.plan(shapes, inputs.step, inputs.update_index), inputs)
+
+
+class Keep(Plan):
+    """An update that keeps every mask: nothing pruned, nothing grown."""
+
+    def decide(self, layer: Layer) -> Decision:
+        return Decision(layer.mask, torch.zeros_like(layer.mask), 0, 0)
 
 
 @register_method("static")
@@ -126,11 +218,9 @@ class Static(Method):
     def is_update_step(self, step: int) -> bool:
         return False
 
-    def update(self, inputs: UpdateInputs) -> UpdateResult:
+    def plan(self, shapes: dict[str, tuple[int, ...]], step: int, update_index: int) -> Plan:
         """An explicit update (``Sparsifier.update()``) keeps the masks: nothing is pruned."""
-        masks = dict(inputs.masks)
-        return UpdateResult(masks, {n: torch.zeros_like(m) for n, m in masks.items()}, 0.0,
-                            pruned={n: 0 for n in masks}, regrown={n: 0 for n in masks})
+        return Keep(0.0)
 
 
 @register_method("DST")
@@ -143,10 +233,77 @@ class DynamicSparse(Method):
         self.needs_grads = config.growth == "gradient"
         self.needs_momenta = config.growth == "momentum"
 
-    def update(self, inputs: UpdateInputs) -> UpdateResult:
+    def plan(self, shapes: dict[str, tuple[int, ...]], step: int, update_index: int) -> Plan:
         c = self.config
-        rate = self.prune_rate(inputs.step)
-        return prune_and_regrow(inputs, rate, c.death, c.growth, c.redistribution, c.threshold, c.seed)
+        return PruneRegrow(self.prune_rate(step), c.death, c.growth, c.redistribution, c.threshold, c.seed,
+                           update_index)
+
+
+class PruneRegrow(Plan):
+    """One prune-and-regrow update (docs/algorithms.md §3, §4, §5), layer by layer.
+
+    Per layer, num_remove = ceil(r_l * nnz_l) weights are pruned by ``death``; the same number
+    (``redistribution='none'``) or a share of the total removed (otherwise) is regrown by
+    ``growth`` among the positions inactive after pruning, which include the just-pruned ones.
+    The total number of non-zeros is unchanged exactly; with ``none`` every layer's is.
+
+    ``none`` needs no survey. ``magnitude``/``nonzeros`` survey twice: each layer's statistic
+    (its share v_l), then each layer's pruned count and free positions at its rate r_l (the
+    regrowth caps), from which the budget is allocated before any layer is decided.
+
+    A dense layer (every mask bit on, e.g. a small layer ERK made dense) has nothing to
+    explore: it is neither pruned nor regrown, and redistribution sends it nothing (its share
+    is left out). Layer ``i`` draws from ``mask_generator(seed, update_index, i)`` either way.
+    """
+
+    def __init__(self, rate: float, death: str, growth: str, redistribution: str = "none",
+                 threshold: float = 1e-3, seed: int = 0, update_index: int = 0) -> None:
+        super().__init__(rate)
+        self.death, self.growth, self.redistribution = death, growth, redistribution
+        self.threshold, self.seed, self.update_index = threshold, seed, update_index
+        self.surveys = 0 if redistribution == "none" else 2
+        self._raw: dict[str, float] = {}
+        self._removed: dict[str, int] = {}
+        self._caps: dict[str, int] = {}
+        self._shares: dict[str, float] | None = None
+        self._grow: dict[str, int] | None = None
+
+    def survey(self, k: int, layer: Layer) -> None:
+        if bool(layer.mask.all()):  # dense: left out of the shares and the budget
+            return
+        if k == 0:
+            self._raw[layer.name] = topology.redistribution_statistic(self.redistribution, layer.weight, layer.mask)
+        else:
+            kept = int(self._prune(layer).sum())
+            self._removed[layer.name] = int(layer.mask.sum()) - kept
+            self._caps[layer.name] = layer.mask.numel() - kept
+
+    def finish(self, k: int) -> None:
+        if k == 0:
+            self._shares = topology.redistribution_shares(self._raw)
+        else:
+            self._grow = topology.allocate(sum(self._removed.values()), self._shares, self._caps)
+
+    def _prune(self, layer: Layer) -> torch.Tensor:
+        mask = layer.mask
+        nnz = int(mask.sum())
+        r = self.rate
+        if self._shares is not None:
+            r = topology.layer_prune_rate(self.rate, 1 - nnz / mask.numel(), self._shares[layer.name],
+                                          len(self._shares))
+        return topology.PRUNE_FNS[self.death](layer.weight, mask, math.ceil(r * nnz), threshold=self.threshold)
+
+    def decide(self, layer: Layer) -> Decision:
+        if bool(layer.mask.all()):  # dense: unchanged
+            return Decision(layer.mask, torch.zeros_like(layer.mask), 0, 0)
+        pruned = self._prune(layer)
+        removed = int(layer.mask.sum()) - int(pruned.sum())
+        n_grow = removed if self._grow is None else self._grow[layer.name]
+        grown = topology.GROW_FNS[self.growth](
+            pruned, n_grow, grad=layer.grad, momentum=layer.momentum,
+            generator=mask_generator(self.seed, self.update_index, layer.index),
+        )
+        return Decision(pruned | grown, grown, removed, n_grow)
 
 
 def prune_and_regrow(
@@ -158,58 +315,8 @@ def prune_and_regrow(
     threshold: float = 1e-3,
     seed: int = 0,
 ) -> UpdateResult:
-    """One prune-and-regrow update over all layers (docs/algorithms.md §3, §4, §5).
-
-    Per layer, num_remove = ceil(r_l * nnz_l) weights are pruned by ``death``; the same number
-    (``redistribution='none'``) or a share of the total removed (otherwise) is regrown by
-    ``growth`` among the positions inactive after pruning, which include the just-pruned ones.
-    The total number of non-zeros is unchanged exactly; with ``none`` every layer's is.
-
-    A dense layer (every mask bit on, e.g. a small layer ERK made dense) has nothing to
-    explore: it is neither pruned nor regrown, and redistribution sends it nothing (its share
-    is left out). Layer ``i`` draws from ``mask_generator(seed, update, i)`` either way.
-    """
-    masks, weights = inputs.masks, inputs.weights
-    names = list(masks)
-    explored = [n for n in names if not bool(masks[n].all())]
-    shares = (
-        topology.redistribution_weights(redistribution, {n: weights[n] for n in explored},
-                                        {n: masks[n] for n in explored})
-        if redistribution != "none" else None
-    )
-    pruned_masks, removed = {}, {}
-    for name in explored:
-        mask = masks[name]
-        nnz = int(mask.sum())
-        r = rate
-        if shares is not None:
-            r = topology.layer_prune_rate(rate, 1 - nnz / mask.numel(), shares[name], len(explored))
-        pruned = topology.PRUNE_FNS[death](weights[name], mask, math.ceil(r * nnz), threshold=threshold)
-        pruned_masks[name] = pruned
-        removed[name] = nnz - int(pruned.sum())
-    if shares is None:
-        grow_counts = removed
-    else:
-        caps = {n: pruned_masks[n].numel() - int(pruned_masks[n].sum()) for n in explored}
-        grow_counts = topology.allocate(sum(removed.values()), shares, caps)
-    new_masks, grown_masks, pruned_counts, grown_counts = {}, {}, {}, {}
-    for i, name in enumerate(names):
-        if name not in pruned_masks:  # dense: unchanged
-            new_masks[name] = masks[name]
-            grown_masks[name] = torch.zeros_like(masks[name])
-            pruned_counts[name] = grown_counts[name] = 0
-            continue
-        grown = topology.GROW_FNS[growth](
-            pruned_masks[name],
-            grow_counts[name],
-            grad=inputs.grads.get(name),
-            momentum=inputs.momenta.get(name),
-            generator=mask_generator(seed, inputs.update_index, i),
-        )
-        new_masks[name] = pruned_masks[name] | grown
-        grown_masks[name] = grown
-        pruned_counts[name], grown_counts[name] = removed[name], grow_counts[name]
-    return UpdateResult(new_masks, grown_masks, rate, pruned=pruned_counts, regrown=grown_counts)
+    """One prune-and-regrow update over all layers of ``inputs`` (:class:`PruneRegrow`)."""
+    return run_plan(PruneRegrow(rate, death, growth, redistribution, threshold, seed, inputs.update_index), inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,42 +330,129 @@ def cubic_density(c: int, c0: int, c1: int, d_init: float, d_final: float) -> fl
     return d_final + (d_init - d_final) * (1.0 - x) ** 3
 
 
+class GlobalMagnitude:
+    """Keep exactly ``keep`` active weights of largest |W| over all layers together (ties by
+    layer order, then flat index), one layer at a time (docs/algorithms.md §12.3): two survey
+    passes of a radix select over the float32 bit patterns of |W| (the high 16 bits, then the
+    low 15 within the bin of the keep-th largest) give its exact value tau and how many weights
+    tied at tau to keep; then :meth:`select` for each layer in order. The result is that of
+    ``topology.select_k`` over all layers' scores concatenated, bit for bit. Holds a histogram
+    of at most 2^16 int64 between layers. Never activates a weight; unlike the reference's
+    |W| >= tau (docs/algorithms.md §12.2, pitfall 11) an all-zero or already-sparse network
+    cannot turn dense. Weights must be finite."""
+
+    surveys = 2
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._active = 0
+        self._hist: torch.Tensor | None = None
+        self._high = self._above = self._tau = self._ties = 0
+
+    def survey(self, k: int, layer: Layer) -> None:
+        bits = topology.magnitude_bits(layer.weight)[layer.mask]
+        if k == 0:
+            self._active += bits.numel()
+            hist = topology.radix_histogram(bits)
+        elif self.keep:
+            hist = topology.radix_histogram(bits, self._high)
+        else:
+            return
+        self._hist = hist if self._hist is None else self._hist + hist
+
+    def finish(self, k: int) -> None:
+        if k == 0:
+            self.keep = min(self.keep, self._active)
+            if self.keep:
+                self._high, self._above = topology.radix_pick(self._hist, self.keep)
+        elif self.keep:
+            low, above = topology.radix_pick(self._hist, self.keep - self._above)
+            self._tau = (self._high << topology.RADIX_LOW_BITS) | low
+            self._ties = self.keep - self._above - above
+        self._hist = None
+
+    def select(self, layer: Layer) -> torch.Tensor:
+        """The layer's kept weights (bool, its shape); call for every layer in order."""
+        if not self.keep:
+            return torch.zeros_like(layer.mask)
+        chosen, taken = topology.select_above(layer.weight, layer.mask, self._tau, self._ties)
+        self._ties -= taken
+        return chosen
+
+
 def global_magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                            keep: int) -> dict[str, torch.Tensor]:
-    """Keep exactly ``keep`` active weights of largest |W| over all layers together (ties by
-    position). Never activates a weight; unlike the reference's |W| >= tau (docs/algorithms.md §12.2, pitfall 11) an
-    all-zero or already-sparse network cannot turn dense."""
-    names = list(masks)
-    scores = torch.cat([torch.where(masks[n], weights[n].detach().abs().float(), -1.0).reshape(-1)
-                        for n in names])
-    keep = min(keep, int(sum(int(m.sum()) for m in masks.values())))
-    chosen = topology.select_k(scores, keep)
-    sizes = [masks[n].numel() for n in names]
-    return {n: c.reshape(masks[n].shape) for n, c in zip(names, torch.split(chosen, sizes))}
+    """:class:`GlobalMagnitude` over full tensors held together (bool masks of the weights'
+    shapes, by name)."""
+    layers = [Layer(i, n, weights[n], m) for i, (n, m) in enumerate(masks.items())]
+    chosen = GlobalMagnitude(keep)
+    survey_layers(chosen, layers)
+    return {layer.name: chosen.select(layer) for layer in layers}
 
 
-def uniform_magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                            density: float) -> dict[str, torch.Tensor]:
-    """Layer-wise gradual pruning (docs/algorithms.md §9.3): every layer keeps int(N_l d) largest |W|; once
-    the sparsity reaches 0.8 the classifier (the last masked layer) keeps density 0.2 and the
-    other layers share the rest. The totals come from the masks themselves (the reference
-    needed ERK's bookkeeping and divided by zero without it, docs/algorithms.md §12.2, pitfall 18)."""
-    names = list(masks)
-    numel = {n: masks[n].numel() for n in names}
-    per_layer = {n: density for n in names}
+def uniform_layer_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
+    """Layer-wise gradual pruning's per-layer targets (docs/algorithms.md §9.3): every layer
+    ``density``; once the sparsity reaches 0.8 the classifier (the last masked layer) keeps
+    density 0.2 and the other layers share the rest. The totals come from the shapes (the
+    reference needed ERK's bookkeeping and divided by zero without it, docs/algorithms.md
+    §12.2, pitfall 18)."""
+    names = list(shapes)
+    numel = {n: math.prod(shapes[n]) for n in names}
     if 1 - density >= 0.8 and len(names) > 1:
         fc = names[-1]
         total, p_fc = sum(numel.values()), numel[fc]
         rest = (total * density - 0.2 * p_fc) / (total - p_fc)
-        per_layer = {n: (0.2 if n == fc else max(rest, 0.0)) for n in names}
-    out = {}
-    for n in names:
-        if per_layer[n] >= 1.0:  # the layer's target is dense: nothing to prune
-            out[n] = masks[n]
-            continue
-        scores = torch.where(masks[n], weights[n].detach().abs().float(), -1.0)
-        out[n] = topology.select_k(scores, min(int(numel[n] * per_layer[n]), int(masks[n].sum())))
-    return out
+        return {n: (0.2 if n == fc else max(rest, 0.0)) for n in names}
+    return {n: density for n in names}
+
+
+def keep_largest(weight: torch.Tensor, mask: torch.Tensor, density: float) -> torch.Tensor:
+    """The int(N d) active weights of largest |W| of one layer (all its active weights when
+    it has fewer; ``mask`` itself when ``density`` >= 1); bool, ``mask``'s shape."""
+    if density >= 1.0:
+        return mask
+    scores = torch.where(mask, weight.detach().abs().float(), -1.0)
+    return topology.select_k(scores, min(int(mask.numel() * density), int(mask.sum())))
+
+
+class GradualPlan(Plan):
+    """One update of :class:`GradualPruning`: inside the window, global (:class:`GlobalMagnitude`,
+    two surveys) or layer-wise (:func:`keep_largest`) magnitude pruning to the scheduled
+    density; then, with ``regrow``, :class:`PruneRegrow` by magnitude and ``growth`` per layer."""
+
+    def __init__(self, method: GradualPruning, shapes: dict[str, tuple[int, ...]], step: int,
+                 update_index: int) -> None:
+        c = method.config
+        super().__init__(method.prune_rate(step))
+        density = method.target_density(step)
+        self._global: GlobalMagnitude | None = None
+        self._layer_density: dict[str, float] | None = None
+        if density is not None and method.global_:
+            self._global = GlobalMagnitude(round(sum(math.prod(s) for s in shapes.values()) * density))
+            self.surveys = self._global.surveys
+        elif density is not None:
+            self._layer_density = uniform_layer_densities(shapes, density)
+        self._regrow = (PruneRegrow(self.rate, "magnitude", c.growth, "none", c.threshold, c.seed, update_index)
+                        if method.regrow else None)
+
+    def survey(self, k: int, layer: Layer) -> None:
+        self._global.survey(k, layer)
+
+    def finish(self, k: int) -> None:
+        self._global.finish(k)
+
+    def decide(self, layer: Layer) -> Decision:
+        mask = layer.mask
+        if self._global is not None:
+            mask = self._global.select(layer)
+        elif self._layer_density is not None:
+            mask = keep_largest(layer.weight, mask, self._layer_density[layer.name])
+        pruned = int(layer.mask.sum()) - int(mask.sum())
+        if self._regrow is None:
+            return Decision(mask, torch.zeros_like(mask), pruned, 0)
+        decision = self._regrow.decide(replace(layer, mask=mask))
+        decision.pruned += pruned
+        return decision
 
 
 class GradualPruning(Method):
@@ -288,10 +482,10 @@ class GradualPruning(Method):
         self.needs_grads = self.regrow and config.growth == "gradient"
         self.needs_momenta = self.regrow and config.growth == "momentum"
 
-    def initial_masks(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    def initial_mask(self, index: int, shape: tuple[int, ...], density: float) -> torch.Tensor:
         if self.dense_start:  # GMP starts from the dense network whatever --sparse-init says
-            return {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
-        return super().initial_masks(shapes)
+            return torch.ones(shape, dtype=torch.bool)
+        return super().initial_mask(index, shape, density)
 
     @property
     def cost_kind(self) -> str:
@@ -312,25 +506,8 @@ class GradualPruning(Method):
             return False
         return self.regrow or step // self.k <= self.c1
 
-    def update(self, inputs: UpdateInputs) -> UpdateResult:
-        c = self.config
-        masks = dict(inputs.masks)
-        before = {n: int(m.sum()) for n, m in masks.items()}
-        density = self.target_density(inputs.step)
-        if density is not None:
-            total = sum(m.numel() for m in masks.values())
-            masks = (global_magnitude_masks(inputs.weights, masks, round(total * density)) if self.global_
-                     else uniform_magnitude_masks(inputs.weights, masks, density))
-        pruned = {n: before[n] - int(m.sum()) for n, m in masks.items()}
-        rate = self.prune_rate(inputs.step)
-        if not self.regrow:
-            return UpdateResult(masks, {n: torch.zeros_like(m) for n, m in masks.items()}, rate,
-                                pruned=pruned, regrown={n: 0 for n in masks})
-        inputs = UpdateInputs(inputs.weights, masks, inputs.grads, inputs.momenta, inputs.step,
-                              inputs.update_index)
-        result = prune_and_regrow(inputs, rate, "magnitude", c.growth, "none", c.threshold, c.seed)
-        result.pruned = {n: pruned[n] + result.pruned[n] for n in masks}
-        return result
+    def plan(self, shapes: dict[str, tuple[int, ...]], step: int, update_index: int) -> Plan:
+        return GradualPlan(self, shapes, step, update_index)
 
 
 @register_method("GraNet")

@@ -22,6 +22,7 @@ and of the explored union, and an update streams layer by layer through rank 0
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from itop_dist import collectives
 from itop_dist.config import APPLY_MODES, SparseConfig
-from itop_dist.methods import METHODS, Method, UpdateInputs, UpdateResult
+from itop_dist.methods import METHODS, Layer, Method, UpdateInputs
 from itop_dist.state import Shard, SparseState
 
 log = logging.getLogger("itop_dist")
@@ -164,6 +165,47 @@ class UpdateReport:
         )
 
 
+@dataclass
+class UpdateCost:
+    """What the last mask update cost this rank (docs/algorithms.md §12.3).
+
+    seconds: wall time of ``Sparsifier.update()``. held_bytes: the most bytes of full-layer
+    tensors this rank held at once for the decision: the gathered inputs (weight, gradient or
+    momentum, mask, explored union) and the decided outputs (new mask, grown positions, new
+    explored union), counted where they are made and freed; rank 0 only (0 elsewhere).
+    Streamed (sharded) it is about one layer's; replicated it is every layer's at once. The
+    gathers' receive buffers (one tensor at a time) and the method's own scratch are not in
+    it. sent_bytes / received_bytes: what this rank moved in the update's collectives
+    (``collectives.Traffic``), the checks before and after included."""
+
+    seconds: float
+    held_bytes: int
+    sent_bytes: int
+    received_bytes: int
+
+
+class HeldBytes:
+    """The bytes of the tensors held now and at most, for :class:`UpdateCost`: ``hold`` when a
+    tensor is made, ``free`` when it is let go; a tensor already held (the same object, e.g. a
+    mask kept unchanged) is counted once; None is ignored."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def hold(self, *tensors: torch.Tensor | None) -> None:
+        for t in tensors:
+            if t is not None and id(t) not in self._held:
+                self._held[id(t)] = t.numel() * t.element_size()
+                self.now += self._held[id(t)]
+        self.peak = max(self.peak, self.now)
+
+    def free(self, *tensors: torch.Tensor | None) -> None:
+        for t in tensors:
+            if t is not None:
+                self.now -= self._held.pop(id(t), 0)
+
+
 class Sparsifier:
     """Masks, their updates and the ITOP rate for one model and optimizer.
 
@@ -179,6 +221,7 @@ class Sparsifier:
     ``state`` hold this rank's shard of each mask and explored union (bool, the shape of the
     local shard); :meth:`full_masks` and :meth:`full_fired` gather the whole. Otherwise they
     hold the full masks. The numbers (``density``, ``itop_rate``, ...) are exact either way.
+    ``update_cost``: what the last update cost (:class:`UpdateCost`; None before the first).
     Constructing it is a collective: every rank must.
     """
 
@@ -198,11 +241,12 @@ class Sparsifier:
         self.method: Method = METHODS[config.method](config, total_steps, epoch_steps)
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.update_until = int(config.update_stop * total_steps)  # no updates after this step
+        self.update_cost: UpdateCost | None = None
         self._layout()
-        masks = self.method.initial_masks(self.shapes) if collectives.is_rank0(group) else None
         if self.sharded:
-            masks, _ = self._distribute(masks, masks, None)
+            masks = self._send_initial()
         else:
+            masks = self.method.initial_masks(self.shapes) if collectives.is_rank0(group) else None
             masks = collectives.broadcast_masks(masks, self.shapes, group)
         self.state = SparseState({n: m.to(_local(self.params[n]).device) for n, m in masks.items()})
         self._refresh_counts()
@@ -243,14 +287,16 @@ class Sparsifier:
         differ from rank 0's (sharded: from rank 0's decision for that rank's shard), and
         RuntimeError when the method needs gradients or momenta that are not there."""
         method = method or self.method
+        start, sent, received = time.perf_counter(), collectives.TRAFFIC.sent, collectives.TRAFFIC.received
         self._check(explored=False)
         if method.needs_grads and any(p.grad is None for p in self.params.values()):
             raise RuntimeError(
                 "gradient growth needs the gradients at the update: call sparsifier.step() after "
                 "optimizer.step() and before optimizer.zero_grad()"
             )
+        held = HeldBytes()
         decide = self._decide_sharded if self.sharded else self._decide_replicated
-        result, new, grown = decide(method)
+        counts, new, grown = decide(method, held)
         if grown is not None:
             self._zero(grown)
         self.state.set_masks({n: m.to(self.state.masks[n].device) for n, m in new.items()})
@@ -258,10 +304,11 @@ class Sparsifier:
         self._refresh_multipliers()
         self.apply_masks()
         self._check(explored=False)
-        pruned = sum(result.pruned.values()) if result else 0
-        regrown = sum(result.regrown.values()) if result else 0
-        report = UpdateReport(self.state.step, result.rate if result else float("nan"), pruned,
-                              regrown, self.density, self.itop_rate, self.layer_densities())
+        rate, pruned, regrown = counts if counts else (float("nan"), 0, 0)
+        report = UpdateReport(self.state.step, rate, pruned, regrown, self.density, self.itop_rate,
+                              self.layer_densities())
+        self.update_cost = UpdateCost(time.perf_counter() - start, held.peak, collectives.TRAFFIC.sent - sent,
+                                      collectives.TRAFFIC.received - received)
         log.info("%s", report)
         return report
 
@@ -399,11 +446,28 @@ class Sparsifier:
             table = collectives.all_gather_objects(mine, self.group)
             self._blocks = {n: [blocks[i] for blocks in table] for i, n in enumerate(self.params)}
             self._numels = {n: [torch.Size(shape).numel() for _, shape in b] for n, b in self._blocks.items()}
+            self._sources = {n: self._source(n) for n in self.params}
 
-    def _gather(self, name: str, local: torch.Tensor) -> torch.Tensor | None:
-        """Layer ``name``'s full tensor from every rank's block, on rank 0's CPU (None elsewhere)."""
-        pieces = collectives.gather_shards(local, self._numels[name], self.group)
-        return None if pieces is None else assemble(pieces, self._blocks[name], self.shapes[name])
+    def _source(self, name: str) -> list[int] | None:
+        """The ranks (of ``self.group``, in the order of the weight's shard group) whose blocks
+        make up weight ``name`` once, for this rank to take part in gathering it to rank 0:
+        rank 0's shard group (under HSDP the first replica; the other replicas hold the same
+        blocks again), or rank 0 alone for a replicated weight. None: this rank sends nothing."""
+        return collectives.root_shard_ranks(self._groups[name], self.group)
+
+    def _gather(self, name: str, local: torch.Tensor | None) -> torch.Tensor | None:
+        """Layer ``name``'s full tensor on rank 0's CPU (None elsewhere), from the blocks of its
+        source ranks only (:meth:`_source`: one gather over rank 0's shard group; rank 0's own
+        tensor for a replicated weight). ``local``: this rank's block; ranks that are no
+        source pass anything (None) and take no part."""
+        source = self._sources[name]
+        if source is None:
+            return None
+        if self._groups[name] is None:  # replicated: rank 0 holds it whole
+            return local.detach().cpu()
+        pieces = collectives.gather_shards(local, [self._numels[name][r] for r in source], self._groups[name])
+        return None if pieces is None else assemble(pieces, [self._blocks[name][r] for r in source],
+                                                    self.shapes[name])
 
     def _full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.sharded:
@@ -411,86 +475,126 @@ class Sparsifier:
         return {n: assemble(collectives.gather_shards(t, self._numels[n], self.group, everywhere=True),
                             self._blocks[n], self.shapes[n]) for n, t in tensors.items()}
 
-    def _table(self, masks: dict[str, torch.Tensor], fired: dict[str, torch.Tensor],
-               grown: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """Per rank r (rows) and layer, the facts of r's blocks of the full masks, grown
-        positions and explored union: [ones of mask | ones of grown (0 if None) | checksum
-        of mask | checksum of explored union], int64 of shape (ranks, 4 x layers)."""
+    def _facts(self, name: str, mask: torch.Tensor, fired: torch.Tensor, grown: torch.Tensor | None
+               ) -> torch.Tensor:
+        """Per rank r (rows), the facts of r's blocks of one layer's full mask, grown positions
+        and explored union: [ones of mask, ones of grown (0 if None), checksum of mask,
+        checksum of explored union], int64 of shape (ranks, 4)."""
         rows = []
-        for r in range(collectives.world_size(self.group)):
-            def block(t, name):
-                return t[region(*self._blocks[name][r])]
-            m = {n: block(masks[n], n) for n in self.shapes}
-            f = {n: block(fired[n], n) for n in self.shapes}
-            g = [int(block(grown[n], n).sum()) if grown is not None else 0 for n in self.shapes]
-            rows.append(torch.cat([torch.tensor([int(x.sum()) for x in m.values()] + g, dtype=torch.int64),
-                                   collectives.checksums(m), collectives.checksums(f)]))
+        for offset, shape in self._blocks[name]:
+            where = region(offset, shape)
+            rows.append(torch.cat([
+                torch.tensor([int(mask[where].sum()), int(grown[where].sum()) if grown is not None else 0]),
+                collectives.checksums({"mask": mask[where], "fired": fired[where]})]))
         return torch.stack(rows)
 
-    def _distribute(self, masks: dict[str, torch.Tensor] | None, fired: dict[str, torch.Tensor] | None,
-                    grown: dict[str, torch.Tensor] | None, with_grown: bool = False
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """Rank 0's decision (full masks, the explored union they make, and with ``with_grown``
-        the grown positions; read on rank 0 only) to every rank's blocks: one broadcast of the
-        per-block counts and checksums (kept as the reference of later checks), then one
-        scatter per layer (and per layer of grown positions). Returns this rank's blocks."""
-        n = len(self.shapes)
-        table = self._table(masks, fired, grown) if collectives.is_rank0(self.group) else None
-        table = collectives.broadcast_int64(table, (collectives.world_size(self.group), 4 * n), self.group)
-        self._expected = table[:, 2 * n:]
-        local, local_grown = {}, {} if with_grown else None
-        for i, name in enumerate(self.shapes):
-            shapes = [shape for _, shape in self._blocks[name]]
-            for col, full, out in ((i, masks, local), (n + i, grown, local_grown)):
-                if out is None:
-                    continue
-                pieces = ([full[name][region(*b)].contiguous() for b in self._blocks[name]]
-                          if full is not None else None)
-                out[name] = collectives.scatter_masks(pieces, shapes, table[:, col].tolist(), self.group)
-        return local, local_grown
+    @staticmethod
+    def _columns(facts: list[torch.Tensor]) -> torch.Tensor:
+        """Every layer's :meth:`_facts` as one table: [ones of masks | ones of grown | checksums
+        of masks | checksums of explored unions], int64 of shape (ranks, 4 x layers)."""
+        return torch.cat([torch.stack([f[:, j] for f in facts], 1) for j in range(4)], 1)
 
-    def _decide_replicated(self, method: Method) -> tuple[UpdateResult | None, dict[str, torch.Tensor],
-                                                          dict[str, torch.Tensor] | None]:
+    def _send(self, name: str, mask: torch.Tensor | None, fired: torch.Tensor | None,
+              grown: torch.Tensor | None, with_grown: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Rank 0's decision for layer ``name`` (its full new mask, explored union and grown
+        positions; read on rank 0 only) to every rank's blocks, HSDP replicas included: one
+        broadcast of the layer's :meth:`_facts`, one scatter of the mask blocks (bit-packed or
+        as indices, whichever is smaller) and, with ``with_grown``, one of the grown blocks.
+        Returns this rank's mask block, grown block (None without ``with_grown``) and the facts."""
+        rank0 = collectives.is_rank0(self.group)
+        facts = self._facts(name, mask, fired, grown) if rank0 else None
+        facts = collectives.broadcast_int64(facts, (collectives.world_size(self.group), 4), self.group)
+        shapes = [shape for _, shape in self._blocks[name]]
+
+        def scatter(full: torch.Tensor | None, col: int) -> torch.Tensor:
+            pieces = [full[region(*b)].contiguous() for b in self._blocks[name]] if rank0 else None
+            return collectives.scatter_masks(pieces, shapes, facts[:, col].tolist(), self.group)
+        return scatter(mask, 0), scatter(grown, 1) if with_grown else None, facts
+
+    def _send_initial(self) -> dict[str, torch.Tensor]:
+        """The method's initial masks, drawn by rank 0 one layer at a time and sent as
+        :meth:`_send` does (the explored union starts as the mask). Returns this rank's blocks."""
+        densities = self.method.initial_densities(self.shapes) if collectives.is_rank0(self.group) else None
+        local, facts = {}, []
+        for i, (name, shape) in enumerate(self.shapes.items()):
+            mask = self.method.initial_mask(i, shape, densities[name]) if densities is not None else None
+            local[name], _, f = self._send(name, mask, mask, None, False)
+            facts.append(f)
+        self._expected = self._columns(facts)[:, 2 * len(self.shapes):]
+        return local
+
+    def _decide_replicated(self, method: Method, held: HeldBytes
+                           ) -> tuple[tuple[float, int, int] | None, dict[str, torch.Tensor],
+                                      dict[str, torch.Tensor] | None]:
         """Every rank holds whole masks: gather full weights (and gradients/momenta), rank 0
-        decides, the masks (and grown positions) are broadcast whole."""
+        decides on all layers at once, the masks (and grown positions) are broadcast whole.
+        Returns ((rate, pruned, regrown) on rank 0, None elsewhere; new masks; grown or None)."""
         weights = {n: full_tensor(p) for n, p in self.params.items()}
         grads = {n: full_tensor(p.grad) if method.needs_grads else None for n, p in self.params.items()}
         momenta = {n: full_tensor(self._momentum_score(p)) if method.needs_momenta else None
                    for n, p in self.params.items()}
-        result = None
+        result = counts = None
         if collectives.is_rank0(self.group):
             inputs = UpdateInputs(weights, dict(self.state.masks), grads, momenta,
                                   self.state.step, self.state.updates + 1)
             result = method.update(inputs)
+            for d in (weights, grads, momenta, inputs.masks, result.masks, result.grown):
+                held.hold(*d.values())
+            counts = (result.rate, sum(result.pruned.values()), sum(result.regrown.values()))
         new = collectives.broadcast_masks(result.masks if result else None, self.shapes, self.group)
         grown = None
         if self.config.regrow_reinit_zero:
             grown = collectives.broadcast_masks(result.grown if result else None, self.shapes, self.group)
-        return result, new, grown
+        return counts, new, grown
 
-    def _decide_sharded(self, method: Method) -> tuple[UpdateResult | None, dict[str, torch.Tensor],
-                                                       dict[str, torch.Tensor] | None]:
-        """Every rank holds blocks: each layer's weight (gradient, momentum) and mask and
-        explored-union blocks are gathered to rank 0's CPU one layer at a time (the device
-        holds about one layer extra), rank 0 decides on the full tensors as unsharded, and
-        each rank receives only its blocks of the new masks (and grown positions)."""
-        on_rank0 = collectives.is_rank0(self.group)
-        weights, grads, momenta, masks, fired = {}, {}, {}, {}, {}
-        for name, p in self.params.items():
-            weights[name] = self._gather(name, _local(p))
-            grads[name] = self._gather(name, _local(p.grad)) if method.needs_grads else None
-            momenta[name] = (self._gather(name, _local(self._momentum_score(p))) if method.needs_momenta
-                             else None)
-            masks[name] = self._gather(name, self.state.masks[name])
-            fired[name] = self._gather(name, self.state.fired[name])
-        result = None
-        if on_rank0:
-            result = method.update(UpdateInputs(weights, masks, grads, momenta, self.state.step,
-                                                self.state.updates + 1))
-            fired = {n: fired[n] | result.masks[n] for n in fired}
-        new, grown = self._distribute(result.masks if result else None, fired if result else None,
-                                      result.grown if result else None, self.config.regrow_reinit_zero)
-        return result, new, grown
+    def _decide_sharded(self, method: Method, held: HeldBytes
+                        ) -> tuple[tuple[float, int, int] | None, dict[str, torch.Tensor],
+                                   dict[str, torch.Tensor] | None]:
+        """Every rank holds blocks; the update streams layer by layer through rank 0
+        (docs/algorithms.md §12.3). First the plan's survey passes: each layer's weight and mask
+        gathered in turn, surveyed and freed. Then per layer: its weight (gradient, momentum),
+        mask and explored union gathered to rank 0's CPU, decided, its blocks sent to every rank
+        (:meth:`_send`) and freed before the next layer, so rank 0 holds about one layer extra.
+        Returns ((rate, pruned, regrown) on rank 0, None elsewhere; this rank's new mask
+        blocks; its grown blocks with ``regrow_reinit_zero``, else None)."""
+        rank0 = collectives.is_rank0(self.group)
+        plan = method.plan(self.shapes, self.state.step, self.state.updates + 1)
+        for k in range(plan.surveys):
+            for i, (name, p) in enumerate(self.params.items()):
+                weight, mask = self._gather(name, _local(p)), self._gather(name, self.state.masks[name])
+                if rank0:
+                    held.hold(weight, mask)
+                    plan.survey(k, Layer(i, name, weight, mask))
+                    held.free(weight, mask)
+            if rank0:
+                plan.finish(k)
+        with_grown = self.config.regrow_reinit_zero
+        new, grown, facts, pruned, regrown = {}, {} if with_grown else None, [], 0, 0
+        for i, (name, p) in enumerate(self.params.items()):
+            layer = decision = fired = None
+            if self._sources[name] is not None:
+                layer = Layer(i, name, self._gather(name, _local(p)), self._gather(name, self.state.masks[name]),
+                              self._gather(name, _local(p.grad)) if method.needs_grads else None,
+                              self._gather(name, _local(self._momentum_score(p))) if method.needs_momenta else None)
+                fired = self._gather(name, self.state.fired[name])
+            explored = None
+            if rank0:
+                held.hold(layer.weight, layer.mask, layer.grad, layer.momentum, fired)
+                decision = plan.decide(layer)
+                explored = fired | decision.mask
+                held.hold(decision.mask, decision.grown, explored)
+                pruned, regrown = pruned + decision.pruned, regrown + decision.regrown
+            new[name], local_grown, f = self._send(name, decision.mask if decision else None, explored,
+                                                   decision.grown if decision else None, with_grown)
+            if with_grown:
+                grown[name] = local_grown
+            facts.append(f)
+            if rank0:
+                held.free(layer.weight, layer.mask, layer.grad, layer.momentum, fired, decision.mask,
+                          decision.grown, explored)
+        self._expected = self._columns(facts)[:, 2 * len(self.shapes):]
+        return ((plan.rate, pruned, regrown) if rank0 else None), new, grown
 
     def _check(self, explored: bool) -> None:
         """Raise MaskMismatchError on every rank when a rank's masks (and, with ``explored``,

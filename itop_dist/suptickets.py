@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from itop_dist.config import SparseConfig
-from itop_dist.methods import Method, UpdateInputs, UpdateResult, global_magnitude_masks, prune_and_regrow
+from itop_dist.methods import Method, Plan, PruneRegrow, global_magnitude_masks
 
 __all__ = ["ReExplore", "Superposition", "cut_to_density", "cyclic_lr", "phases", "recalibrate_bn",
            "superpose"]
@@ -56,8 +56,8 @@ class ReExplore(Method):
     def is_update_step(self, step: int) -> bool:
         return False  # only ever run explicitly
 
-    def update(self, inputs: UpdateInputs) -> UpdateResult:
-        return prune_and_regrow(inputs, self.rate, "magnitude", "gradient", seed=self.config.seed)
+    def plan(self, shapes: dict[str, tuple[int, ...]], step: int, update_index: int) -> Plan:
+        return PruneRegrow(self.rate, "magnitude", "gradient", seed=self.config.seed, update_index=update_index)
 
 
 def superpose(previous: dict[str, torch.Tensor], ticket: dict[str, torch.Tensor], factor: float

@@ -49,6 +49,54 @@ def select_k(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
+# The same selection over many layers, one layer at a time (docs/algorithms.md §12.3): a radix
+# select on the float32 bit patterns of |W|, which for non-negative floats order as the floats.
+
+RADIX_LOW_BITS = 15  # pass 1 counts the high 16 of the 31 value bits, pass 2 the low 15
+
+
+def magnitude_bits(weight: torch.Tensor) -> torch.Tensor:
+    """|W| as float32, reinterpreted as int32 bit patterns (same shape): for finite weights
+    a > b as floats exactly when their patterns are (the sign bit of |W| is 0, and -0.0 is +0.0)."""
+    return weight.detach().abs().float().contiguous().view(torch.int32)
+
+
+def radix_histogram(bits: torch.Tensor, high: int | None = None) -> torch.Tensor:
+    """One pass of the radix select over one layer's active bit patterns (``bits``: int32,
+    :func:`magnitude_bits` of the active weights, any shape). ``high`` None: the count of each
+    high part (bits >> 15), int64 of 2^16; otherwise the count of each low part (bits & 0x7fff)
+    among the patterns whose high part is ``high``, int64 of 2^15."""
+    flat = bits.reshape(-1)
+    if high is None:
+        return torch.bincount(flat >> RADIX_LOW_BITS, minlength=1 << 16)
+    low = flat[(flat >> RADIX_LOW_BITS) == high] & ((1 << RADIX_LOW_BITS) - 1)
+    return torch.bincount(low, minlength=1 << RADIX_LOW_BITS)
+
+
+def radix_pick(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(b, above): the bin of ``hist`` (counts summed over all layers) that holds the ``k``-th
+    largest entry (1 <= k <= hist.sum()), and the number of entries in the bins above it.
+    Raises ValueError for a k out of range."""
+    from_top = hist.flip(0).cumsum(0)
+    if not 1 <= k <= int(from_top[-1]):
+        raise ValueError(f"radix_pick: k={k} outside [1, {int(from_top[-1])}]")
+    j = int(torch.searchsorted(from_top, k))  # the first bin from the top reaching k
+    b = hist.numel() - 1 - j
+    return b, int(from_top[j]) - int(hist[b])
+
+
+def select_above(weight: torch.Tensor, mask: torch.Tensor, tau: int, ties: int) -> tuple[torch.Tensor, int]:
+    """One layer's share of a global top-k by |W|: its active weights whose bit pattern
+    (:func:`magnitude_bits`) is above ``tau``, and of those at ``tau`` the first ``ties`` by
+    flat index. Returns (bool mask of ``mask``'s shape, the number of ties taken), so that the
+    next layer takes the ties that are left (ties by layer order, then flat index)."""
+    bits = magnitude_bits(weight)
+    at = mask & (bits == tau)
+    at &= torch.cumsum(at.reshape(-1), 0).reshape(at.shape) <= ties
+    return (mask & (bits > tau)) | at, int(at.sum())
+
+
+# --------------------------------------------------------------------------------------------
 # Initial layer densities (section 2)
 
 
@@ -250,19 +298,22 @@ GROW_FNS = {"random": grow_random, "gradient": grow_gradient, "momentum": grow_m
 # Redistribution, section 5 (without the reference's count drift).
 
 
-def redistribution_weights(
-    mode: str, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-) -> dict[str, float]:
-    """Normalised per-layer share v_l of the regrowth budget (section 5 table)."""
+def redistribution_statistic(mode: str, weight: torch.Tensor, mask: torch.Tensor) -> float:
+    """One layer's raw statistic for its share of the regrowth budget (section 5 table): the mean
+    |W| over its active weights (``magnitude``; 0.0 for a layer with none) or its number of active
+    weights (``nonzeros``). ``weight``: the layer's full weight; ``mask``: bool, its shape.
+    Raises ValueError for another ``mode``."""
     if mode == "magnitude":
-        raw = {
-            n: float(weights[n].detach().abs()[m].float().mean()) if m.any() else 0.0
-            for n, m in masks.items()
-        }
-    elif mode == "nonzeros":
-        raw = {n: float(m.sum()) for n, m in masks.items()}
-    else:
-        raise ValueError(f"--redistribution {mode!r}: no per-layer statistic")
+        return float(weight.detach().abs()[mask].float().mean()) if mask.any() else 0.0
+    if mode == "nonzeros":
+        return float(mask.sum())
+    raise ValueError(f"--redistribution {mode!r}: no per-layer statistic")
+
+
+def redistribution_shares(raw: Mapping[str, float]) -> dict[str, float]:
+    """Normalised per-layer share v_l of the regrowth budget from each layer's
+    :func:`redistribution_statistic` (section 5); a NaN statistic (a layer of NaN weights) gets
+    share 0 and is left out of the total."""
     total = sum(v for v in raw.values() if not math.isnan(v)) or 1.0
     return {n: (0.0 if math.isnan(v) else v / total) for n, v in raw.items()}
 

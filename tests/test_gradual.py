@@ -8,6 +8,7 @@ from torch import nn
 
 from itop_dist import SparseConfig, Sparsifier
 from itop_dist.methods import cubic_density, global_magnitude_masks
+from itop_dist.topology import select_k
 
 GRADUAL = ["GraNet", "GraNet_uniform", "GMP", "GMP_uniform"]
 
@@ -104,6 +105,26 @@ def test_global_magnitude_never_turns_a_network_dense():
     masks = {"a": torch.zeros(10, 10, dtype=torch.bool), "b": torch.rand(5, 5) < 0.5}
     out = global_magnitude_masks(w, masks, keep=100)
     assert torch.equal(out["a"], masks["a"]) and torch.equal(out["b"], masks["b"])
+
+
+@pytest.mark.parametrize("keep", [0, 1, 37, 150, 299, 300, 10_000])
+def test_global_magnitude_one_layer_at_a_time_is_select_k_over_all_layers(keep):
+    """The radix select (two survey passes, then each layer in turn) keeps exactly what one
+    select_k over every layer's scores concatenated keeps, ties included (by layer order, then
+    flat index): weights in steps of 0.25 tie by the dozen, and tau may fall on any of them."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"a": (8, 16), "b": (16, 3, 3), "c": (4, 32), "d": (3, 3)}
+    w = {n: (torch.randn(s, generator=gen) * 4).round() / 4 for n, s in shapes.items()}
+    masks = {n: torch.rand(s, generator=gen) < 0.6 for n, s in shapes.items()}
+    w["d"][1, 1] = -0.0  # |-0.0| is 0.0: one bit pattern
+    active = sum(int(m.sum()) for m in masks.values())
+    assert 150 < active < 300
+    scores = torch.cat([torch.where(masks[n], w[n].abs(), -1.0).reshape(-1) for n in shapes])
+    expected = torch.split(select_k(scores, min(keep, active)), [masks[n].numel() for n in shapes])
+    out = global_magnitude_masks(w, masks, keep)
+    for n, e in zip(shapes, expected):
+        assert torch.equal(out[n], e.reshape(shapes[n])), n
+    assert sum(int(m.sum()) for m in out.values()) == min(keep, active)
 
 
 def test_fractional_multiplier_and_bad_windows():

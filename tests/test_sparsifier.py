@@ -552,7 +552,10 @@ def single_rank_group(tmp_path):
     SparseConfig(density=0.2, growth="gradient", update_frequency=3, regrow_reinit_zero=True),
     SparseConfig(method="GraNet", density=0.5, final_density=0.1, growth="momentum", update_frequency=2,
                  init_prune_epoch=0, final_prune_epoch=2),
-], ids=["rigl", "granet"])
+    SparseConfig(density=0.2, growth="momentum", redistribution="magnitude", update_frequency=3),
+    SparseConfig(method="GMP_uniform", density=0.5, final_density=0.1, update_frequency=2,
+                 init_prune_epoch=0, final_prune_epoch=2),
+], ids=["rigl", "granet", "sparse-momentum", "gmp-uniform"])
 def test_sharded_path_decides_as_the_replicated_one_and_checkpoints_interchange(single_rank_group, config,
                                                                               tmp_path):
     """A world-size-1 FSDP2 wrap takes the sharded path (gather, decide, scatter, checks) on

@@ -5,9 +5,11 @@ Used by tests/test_distributed.py under ``accelerate launch``. Arguments are ito
 local shard of the second layer when the state is sharded), as a stand-in for a silent
 divergence, and the error each rank then raises goes to rank<R>.err. The masks and explored
 union written are the full ones (gathered when sharded); ``sparse_state_bytes`` is what this
-rank holds of them, ``sparse_state_full_bytes`` what the full state takes.
+rank holds of them, ``sparse_state_full_bytes`` what the full state takes; ``update_cost`` is
+the Sparsifier's record of its last mask update (``itop_dist.sparsifier.UpdateCost``, a dict).
 """
 
+import dataclasses
 import pathlib
 import sys
 
@@ -60,6 +62,7 @@ def main(argv: list[str]) -> int:
                     for n, p in trainer.model.named_parameters()},
         "shards": shards,
         "updates": sp.state.updates if sp else 0,
+        "update_cost": dataclasses.asdict(sp.update_cost) if sp and sp.update_cost else None,
         "superposed": {k: v for p in trainer.plugins if getattr(p, "superposition", None)
                        for k, v in (p.superposition.superposed or {}).items()},
     }, out / f"rank{rank}.pt")
