@@ -303,6 +303,13 @@ RESUMABLE = ("schedule.epochs", "schedule.max_steps", "schedule.eval_every", "ch
              "preset")
 
 
+def default_channels_last(device_type: str, input_shape: tuple[int, ...]) -> bool:
+    """``--channels-last``'s default (``model.channels_last`` None): on for image models (input
+    (C, H, W)) on CUDA, where cuDNN's NHWC convolution kernels are the fast ones with bf16/fp16;
+    off on CPUs and for flat inputs. The trainer and ``itop-eval`` decide with this one rule."""
+    return device_type == "cuda" and len(input_shape) == 3
+
+
 def flat_config(tree: dict, prefix: str = "") -> dict:
     """A nested configuration dict as one level of dotted keys (tuples as lists)."""
     out = {}

@@ -37,7 +37,7 @@ from itop_dist import maskable_parameters
 from itop_dist.flops import layer_flops, sparse_flops
 from itop_dist.state import saved_masks
 from launcher.checkpoint import MANIFEST, Checkpointer, CheckpointError, read_state, verify
-from launcher.config import TrainConfig, from_dict, print_error
+from launcher.config import TrainConfig, default_channels_last, from_dict, print_error
 
 GROWTH_NAMES = {"random": "SET", "gradient": "RigL", "momentum": "sparse momentum"}
 
@@ -268,8 +268,8 @@ def evaluate(loaded: LoadedCheckpoint, data: str | None = None, data_dir: str | 
     numbers = sparsity_numbers(model, loaded.masks, tuple(loaders.input_shape))
     dev = resolve_device(device)
     channels_last = cfg.model.channels_last
-    if channels_last is None:  # as the trainer: on for conv nets on CUDA
-        channels_last = dev.type == "cuda" and len(loaders.input_shape) == 3
+    if channels_last is None:
+        channels_last = default_channels_last(dev.type, tuple(loaders.input_shape))
     model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -34,7 +34,7 @@ from itop_dist import FlopsCounter, Sparsifier, collectives, layer_flops, maskab
 from itop_dist.schedules import schedule_problem
 from itop_dist.sparsifier import UpdateReport, full_tensor
 from launcher.checkpoint import Checkpointer, CheckpointError, RNGState, RunLock
-from launcher.config import FSDP_STAGES, ConfigError, TrainConfig, flat_config, save_config
+from launcher.config import FSDP_STAGES, ConfigError, TrainConfig, default_channels_last, flat_config, save_config
 from launcher import plots
 from launcher.evaluate import build_model, model_dataset
 from launcher.events import Event, build_plugins
@@ -173,7 +173,7 @@ class Trainer:
             self.print(load_initial_weights(model, cfg.model.initial_checkpoint, cfg.sparse))
         self.channels_last = cfg.model.channels_last
         if self.channels_last is None:
-            self.channels_last = self.accelerator.device.type == "cuda" and len(self.loaders.input_shape) == 3
+            self.channels_last = default_channels_last(self.accelerator.device.type, self.loaders.input_shape)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model

@@ -307,3 +307,50 @@ def test_mask_updates_decide_the_same_on_channels_last_weights():
         assert all(torch.equal(p, q) for p, q in zip(nchw.parameters(), cl.parameters()))
     assert masked_weights_are_zero(b) and cl[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert all(not torch.equal(initial[n], b.state.masks[n]) for n in initial)  # the updates moved them
+
+
+# --- the rest of the CUDA-only lines, reached through the device facts they read ------------
+
+
+@pytest.mark.parametrize("device_type, input_shape, expected", [
+    ("cuda", (3, 224, 224), True), ("cuda", (64,), False), ("cpu", (3, 32, 32), False)])
+def test_channels_last_defaults_to_on_for_image_models_on_cuda_only(device_type, input_shape, expected):
+    from launcher.config import default_channels_last
+    assert default_channels_last(device_type, input_shape) is expected
+
+
+@pytest.mark.parametrize("cuda, bf16, device, expected", [
+    (True, True, "auto", "bf16"), (True, False, "auto", "no"), (True, True, "cpu", "no"), (False, True, "auto", "no")])
+def test_mixed_precision_auto_is_bf16_on_a_gpu_that_has_it(monkeypatch, cuda, bf16, device, expected):
+    from launcher.trainer import _resolve_precision
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert _resolve_precision(parse_config(shlex.split(f"--mixed-precision auto --device {device}"))) == expected
+
+
+def test_every_cuda_generator_is_checkpointed_and_restored_on_the_gpus_there_are(monkeypatch, tmp_path):
+    """Two GPUs' generator states go through a real checkpoint file; a run resumed on one GPU
+    gets the first back (a run on more GPUs than saved keeps its own for the others)."""
+    from launcher.checkpoint import RNGState, write_state
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    write_state(tmp_path, "rng_state-0", RNGState().state_dict())
+    RNGState().load_state_dict(read_state(tmp_path, "rng_state-0"))
+    assert len(restored) == 1 and torch.equal(restored[0], states[0])
+
+
+def test_nccl_collectives_move_tensors_on_this_process_gpu(monkeypatch):
+    from itop_dist import collectives
+    monkeypatch.setattr(collectives.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collectives._comm_device(None) == torch.device("cuda", 3)
+
+
+def test_itop_eval_takes_the_gpu_when_there_is_one(monkeypatch):
+    from launcher.evaluate import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")

@@ -860,3 +860,31 @@ def test_check_data_flag() -> None:
     assert cfg.data.check_data is True
     assert parse_config(["--data", "imagenet", "--data-dir", "X", "--model", "resnet50"]).data.check_data is False
     assert "data.check_data" not in identity(cfg.to_dict())  # resumable: run folders keep their names
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_torchvision_gpu_branch_copies_uint8_and_normalises_on_the_device(tree, monkeypatch, channels_last):
+    """A GPU loader's batches leave the workers as uint8 and are normalised after the copy to
+    the accelerator (``torch.accelerator``'s device); with the CPU standing in for it, they
+    equal a CPU loader's bit for bit, in the asked memory format."""
+    seen = []
+    real = torchvision_backend.normalise
+
+    def on_device(x, fp16=False, channels_last=False):
+        seen.append(x.dtype)
+        return real(x, fp16, channels_last)
+
+    folder = scan_split(tree.root, "train")
+    cpu = inet.TorchvisionLoader(folder, 5, train=True, image_size=32, seed=3, channels_last=channels_last)
+    expected = list(cpu)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cpu"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torchvision_backend, "normalise", on_device)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)  # no driver to pin with
+    gpu = inet.TorchvisionLoader(folder, 5, train=True, image_size=32, seed=3, channels_last=channels_last, gpu=True)
+    got = list(gpu)
+    assert seen == [torch.uint8] * len(expected) == [torch.uint8] * 4  # 24 images, batches of 5, last dropped
+    for (xa, ya), (xb, yb) in zip(expected, got):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xb.dtype == torch.float32 and xb.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)

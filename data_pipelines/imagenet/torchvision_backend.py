@@ -107,6 +107,12 @@ def normalise(x: torch.Tensor, fp16: bool = False, channels_last: bool = False) 
     return out.half() if fp16 else out
 
 
+def _accelerator_device() -> torch.device:
+    """This process's current accelerator device (``torch.accelerator``: CUDA here), where GPU
+    loaders normalise their batches."""
+    return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+
+
 class _Collate:
     """Stack a batch of (uint8 image, label); a bad file's message (str) passes through.
 
@@ -151,7 +157,8 @@ class TorchvisionLoader(ImageNetLoader):
             pin_memory=self.gpu, worker_init_fn=_one_thread if workers else None,
             prefetch_factor=4 if workers else None,
         )
-        device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else None
+        # torch's device-agnostic accessor (this process's GPU under Accelerate), not CUDA's own
+        device = _accelerator_device() if self.gpu else None
         for batch in loader:
             if isinstance(batch, str):  # a file that failed, in a worker or here
                 raise DataError(batch)
