@@ -888,3 +888,15 @@ def test_the_torchvision_gpu_branch_copies_uint8_and_normalises_on_the_device(tr
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert xb.dtype == torch.float32 and xb.is_contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_batches_go_to_the_gpu_when_cuda_is_there_unless_the_run_is_on_the_cpu(monkeypatch):
+    from accelerate.state import PartialState
+    monkeypatch.setattr(PartialState, "_shared_state", {})  # no Accelerator in this process
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [inet_build.use_gpu(d) for d in ("auto", "gpu", "cpu")] == [True, True, False]
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # accelerate launch --cpu, or --device cpu
+    assert inet_build.use_gpu("auto") is False
+    with pytest.raises(ValueError, match="--decode-device gpu: CUDA is not available"):
+        inet_build.use_gpu("gpu")
