@@ -97,28 +97,16 @@ def main() -> None:
                 torch.cuda.synchronize()
         return run
 
-    def ours_float():
-        sparsifier.apply_masks()
+    def ours(mode: str):
+        """apply_masks of a Sparsifier with ``apply_mode`` ``mode`` (the same seed: the same masks)."""
+        return Sparsifier(model, optimizer, SparseConfig(density=0.2, growth="gradient", apply_mode=mode),
+                          1000).apply_masks
 
-    @torch.no_grad()
-    def ours_bool():
-        for n, p in params.items():
-            p.mul_(masks_bool[n])
-            optimizer.state[p]["momentum_buffer"].mul_(masks_bool[n])
-
-    @torch.no_grad()
-    def ours_foreach():
-        ps = list(params.values())
-        ms = [masks_float[n] for n in params]
-        torch._foreach_mul_(ps, ms)
-        torch._foreach_mul_([optimizer.state[p]["momentum_buffer"] for p in ps], ms)
-
-    apply = {
-        "reference (new tensors, float masks)": timed(sync(lambda: reference_apply(params, masks_float, optimizer)), args.repeats),
-        "ours: in-place, cached float mask": timed(sync(ours_float), args.repeats),
-        "ours: in-place, bool mask": timed(sync(ours_bool), args.repeats),
-        "ours: _foreach_mul_, float masks": timed(sync(ours_foreach), args.repeats),
-    }
+    apply = {"reference (new tensors, float masks)":
+             timed(sync(lambda: reference_apply(params, masks_float, optimizer)), args.repeats)}
+    for mode, label in (("float", "in-place, cached float mask"), ("bool", "in-place, bool mask"),
+                        ("foreach", "_foreach_mul_, float masks")):
+        apply[f"ours: {label}"] = timed(sync(ours(mode)), args.repeats)
 
     weights = {n: p.detach() for n, p in params.items()}
     grads = {n: p.grad for n, p in params.items()}

@@ -19,13 +19,12 @@ records its error line, and the others go on.
    step against the masked step (the dense step + the masks multiplied into the weights and
    their momenta after ``optimizer.step()``, what ``Sparsifier.step()`` does between updates)
    at ERK density 0.1 and 0.2, with the masks applied as a float multiply (``apply_mode
-   float``), a bool multiply (``apply_mode bool``) and one ``torch._foreach_mul_`` over all
-   masked weights and one over their momenta (a candidate measured here: the Sparsifier has no
-   such mode), eager and under ``torch.compile``; the masked/dense step-time ratio (goal
-   <= 1.03) and the time of one mask application alone. One model is trained by every
-   variant in turn (a dense kernel's time does not depend on which weights are zero), so it
-   is compiled once, and the variants alternate in rounds so that they see the same machine
-   state (clocks, temperature, other load).
+   float``), a bool multiply (``apply_mode bool``) and ``torch._foreach_mul_`` over all masked
+   weights and their momenta (``apply_mode foreach``), eager and under ``torch.compile``; the
+   masked/dense step-time ratio (goal <= 1.03) and the time of one mask application alone.
+   One model is trained by every variant in turn (a dense kernel's time does not depend on
+   which weights are zero), so it is compiled once, and the variants alternate in rounds so
+   that they see the same machine state (clocks, temperature, other load).
 2. ``mask_update``: one RigL update (the RigL-ITOP recipe's sparsity settings) and one GraNet
    update (the GraNet recipe's, inside its pruning window) of ResNet-50 on the device, ms,
    and as a share of the time between two updates (the recipe's ``update_frequency`` dense
@@ -78,13 +77,14 @@ from bench_masks import timed
 from data_pipelines.imagenet import dali_available
 from data_pipelines.imagenet.torchvision_backend import normalise, random_resized_crop_box
 from itop_dist import SparseConfig, Sparsifier, total_steps
+from itop_dist.config import APPLY_MODES as CONFIG_APPLY_MODES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RIGL_RECIPE = REPO / "configs" / "imagenet_resnet50_rigl_itop_d0.1.yaml"
 GRANET_RECIPE = REPO / "configs" / "imagenet_resnet50_suptickets_granet.yaml"
 IMAGENET_TRAIN_IMAGES = 1_281_167  # the recipe's epoch, for the schedules of part 2
 GOAL = 1.03  # masked/dense step-time ratio the sparse trainer aims at
-APPLY_MODES = ("float", "bool", "foreach")
+APPLY_MODES = tuple(m for m in CONFIG_APPLY_MODES if m != "auto")  # what "auto" chooses from
 
 # Sizes of everything: the full check, and the smoke run on a shared 2-core CPU, where
 # ResNet-50's steps and mask applications take seconds and bf16 autocast is slower than fp32:
@@ -146,19 +146,6 @@ def make_step(net, optimizer, x, y, device, bf16: bool):
     return step
 
 
-def foreach_apply(sparsifier: Sparsifier, optimizer: torch.optim.Optimizer):
-    """The candidate apply mode: one ``torch._foreach_mul_`` over every masked weight and one
-    over their momenta, by the masks as the weights' dtype (foreach kernels need one dtype)."""
-    weights = list(sparsifier.params.values())
-    mults = [sparsifier.masks[n].to(p.dtype) for n, p in sparsifier.params.items()]
-
-    @torch.no_grad()
-    def apply():
-        torch._foreach_mul_(weights, mults)
-        torch._foreach_mul_([optimizer.state[p]["momentum_buffer"] for p in weights], mults)
-    return apply
-
-
 # --- part 1 -------------------------------------------------------------------------------------
 def part_train_step(size: dict, device: torch.device) -> dict:
     b, s = size["batch"], size["image"]
@@ -170,11 +157,10 @@ def part_train_step(size: dict, device: torch.device) -> dict:
     y = torch.randint(0, 1000, (b,), device=device)
     applies = {"dense": None}
     for density in (0.1, 0.2):
-        for mode in ("float", "bool"):
+        for mode in APPLY_MODES:
             sp = Sparsifier(model, optimizer, SparseConfig(density=density, apply_mode=mode,
                                                            update_frequency=10**9), total_steps=10**6)
             applies[f"d{density} {mode}"] = sp.apply_masks
-        applies[f"d{density} foreach"] = foreach_apply(sp, optimizer)
     eager = make_step(model, optimizer, x, y, device, size["bf16"])
     for _ in range(2):  # the momenta exist from here on; cuDNN's autotuning is done
         eager()

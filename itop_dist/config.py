@@ -14,7 +14,7 @@ from itop_dist.topology import DENSITY_RULES, GROW_FNS, PRUNE_FNS
 
 REDISTRIBUTIONS = ("none", "magnitude", "nonzeros")
 DECAY_SCHEDULES = ("cosine", "constant", "linear")
-APPLY_MODES = ("auto", "float", "bool")
+APPLY_MODES = ("auto", "float", "bool", "foreach")
 
 
 @dataclass
@@ -42,7 +42,10 @@ class SparseConfig:
         weights (sparse momentum, docs/algorithms.md §4.3).
     apply_mode: how masks are multiplied in: ``float`` keeps a float copy of each mask
         (fastest on CPU, measured in benchmarks/), ``bool`` multiplies by the bool mask,
-        ``auto`` picks the measured fastest for the device (``sparsifier.resolve_apply_mode``).
+        ``foreach`` multiplies every masked tensor by its float copy in one
+        ``torch._foreach_mul_`` (one kernel launch per group on a GPU instead of one per
+        tensor), ``auto`` picks the measured fastest for the device
+        (``sparsifier.resolve_apply_mode``).
     exclude: substrings of parameter names that stay dense and unmasked (e.g. the first conv).
     seed: seed of the mask generator; kept apart from the data and augmentation RNGs.
     """

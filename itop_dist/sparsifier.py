@@ -129,15 +129,16 @@ AUTO_APPLY_MODES = {"cpu": "float", "cuda": "float"}
 
 
 def resolve_apply_mode(mode: str, device_type: str) -> str:
-    """``"float"`` or ``"bool"``: how masks are multiplied into weights on ``device_type``
-    (``torch.device.type``: ``"cpu"``, ``"cuda"``, ...) for ``SparseConfig.apply_mode``
-    ``mode``; ``"float"`` and ``"bool"`` stand as given, ``"auto"`` is resolved per device.
+    """``"float"``, ``"bool"`` or ``"foreach"``: how masks are multiplied into weights on
+    ``device_type`` (``torch.device.type``: ``"cpu"``, ``"cuda"``, ...) for
+    ``SparseConfig.apply_mode`` ``mode``; an explicit mode stands as given, ``"auto"`` is
+    resolved per device.
 
-    CPU: float, a cached float copy of each mask, multiplied in place: 16.9 ms vs 57.2 ms for
-    the bool mask (3.4x) on ResNet-50 at density 0.2 (benchmarks/bench_masks.py,
-    benchmarks/RESULTS.md, 2-core CPU, 2026-11-23), at 4 bytes per weight instead of 1.
-    CUDA and any other device: float too, the current default, until the GPU check measures
-    float vs bool there (the same script on a GPU machine). Raises ValueError for another
+    CPU: float, a cached float copy of each mask, multiplied in place one tensor at a time:
+    15.7 ms vs 35.0 ms for the bool mask (2.2x) and 16.0 ms for ``foreach`` (no gain without
+    kernel launches to save) on ResNet-50 at density 0.2, weights and momenta
+    (benchmarks/bench_masks.py, benchmarks/RESULTS.md, 2-core CPU, 2026-12-05). CUDA and any other device: float too, the current default, until the GPU check
+    (benchmarks/gpu_check.py) measures the three modes there. Raises ValueError for another
     ``mode`` (itop_dist.config.APPLY_MODES lists them)."""
     if mode not in APPLY_MODES:
         raise ValueError(f"--mask-apply: {mode!r} is unknown; choose one of {list(APPLY_MODES)}")
@@ -267,13 +268,30 @@ class Sparsifier:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """W <- W * M for every masked weight and, when ``mask_momentum`` is on, the same for
-        every per-weight optimizer state tensor (SGD's momentum, Adam's moments, ...)."""
+        every per-weight optimizer state tensor (SGD's momentum, Adam's moments, ...): one
+        in-place multiply per tensor, or one ``torch._foreach_mul_`` over all of them
+        (``apply_mode`` ``foreach``)."""
+        tensors, mults = [], []
         for name, p in self.params.items():
-            mult = self._mult[name]
-            _local(p).mul_(mult)
+            targets = [_local(p)]
             if self.config.mask_momentum:
-                for buf in self._state_tensors(p):
-                    _local(buf).mul_(mult)
+                targets += [_local(buf) for buf in self._state_tensors(p)]
+            tensors += targets
+            mults += [self._mult[name]] * len(targets)
+        if self._foreach:
+            # A fused kernel takes one device and dtype per call (torch.optim groups its
+            # foreach steps the same way); within a group torch falls back to a per-tensor
+            # loop only where a multiplier's dtype differs from its tensor's.
+            groups: dict[tuple, tuple[list, list]] = {}
+            for t, mult in zip(tensors, mults):
+                group = groups.setdefault((t.device, t.dtype), ([], []))
+                group[0].append(t)
+                group[1].append(mult)
+            for group_tensors, group_mults in groups.values():
+                torch._foreach_mul_(group_tensors, group_mults)
+        else:
+            for t, mult in zip(tensors, mults):
+                t.mul_(mult)
 
     @torch.no_grad()
     def update(self, method: Method | None = None) -> UpdateReport:
@@ -652,12 +670,14 @@ class Sparsifier:
         """The multiplier of each weight's local block: its mask block (the whole mask when
         replicated) as the weight's dtype, or as bool (:func:`resolve_apply_mode` for the
         weight's device)."""
-        self._mult = {}
+        self._mult, modes = {}, set()
         for name, mask in self.state.masks.items():
             p = self.params[name]
             block = mask.to(_local(p).device)
             mode = resolve_apply_mode(self.config.apply_mode, block.device.type)
-            self._mult[name] = block.to(p.dtype) if mode == "float" else block
+            self._mult[name] = block if mode == "bool" else block.to(p.dtype)
+            modes.add(mode)
+        self._foreach = modes == {"foreach"}
 
     def _zero(self, positions: dict[str, torch.Tensor]) -> None:
         """RigL's choice for regrown weights: value 0 and every optimizer state tensor 0

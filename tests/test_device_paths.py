@@ -94,9 +94,57 @@ def test_auto_apply_mode_resolves_per_device_type_and_explicit_modes_stand():
     with pytest.raises(ValueError, match="--mask-apply: 'half'"):
         resolve_apply_mode("half", "cpu")
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-    for mode, dtype in (("auto", torch.float32), ("bool", torch.bool)):
+    for mode, dtype in (("auto", torch.float32), ("bool", torch.bool), ("foreach", torch.float32)):
         sp = Sparsifier(model, None, SparseConfig(density=0.5, apply_mode=mode), total_steps=10)
         assert {m.dtype for m in sp._mult.values()} == {dtype}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_every_apply_mode_gives_the_same_weights_and_optimizer_state(optimizer, monkeypatch):
+    """float, bool and foreach multiply the same masks into the weights and every per-weight
+    optimizer state tensor; foreach in one fused call per (device, dtype) group: here two, as
+    the last layer is float64."""
+    def trained(mode):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6),
+                                    torch.nn.ReLU(), torch.nn.Linear(6, 3).double())
+        opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if optimizer == "sgd"
+               else torch.optim.Adam(model.parameters(), lr=0.01))
+        sp = Sparsifier(model, opt, SparseConfig(density=0.3, apply_mode=mode, mask_momentum=True,
+                                                 update_frequency=None), total_steps=10)
+        x = torch.randn(7, 12)
+        for _ in range(3):
+            h = model[3](model[2](model[1](model[0](x)))).double()
+            model[4](h).square().mean().backward()
+            opt.step()
+            with torch.no_grad():  # make every masked entry nonzero before the masks go in
+                for p in model.parameters():
+                    p.add_(0.01)
+                    for t in opt.state[p].values():
+                        if t.shape == p.shape:
+                            t.add_(0.01)
+            sp.apply_masks()
+            opt.zero_grad()
+        return sp, model, opt
+
+    calls = []
+    real = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda ts, ms: calls.append({t.dtype for t in ts}) or real(ts, ms))
+    results = {mode: trained(mode) for mode in ("float", "bool", "foreach")}
+    # at the start and after each of the 3 steps: one call per dtype
+    assert calls == [{torch.float32}, {torch.float64}] * 4
+    sp, ref_model, ref_opt = results["float"]
+    for mode in ("bool", "foreach"):
+        _, model, opt = results[mode]
+        for (name, p), q in zip(ref_model.named_parameters(), model.parameters()):
+            assert torch.equal(p, q), (mode, name)
+            for key, t in ref_opt.state[p].items():
+                assert torch.equal(t, opt.state[q][key]), (mode, name, key)
+    for name, p in sp.params.items():  # the masks went in: masked entries are exactly zero
+        assert (p[~sp.masks[name]] == 0).all() and (p[sp.masks[name]] != 0).all()
+        for t in ref_opt.state[p].values():
+            if t.shape == p.shape:
+                assert (t[~sp.masks[name]] == 0).all()
 
 
 # --- the fp16 loss scaler's skipped step ----------------------------------------------------
