@@ -41,6 +41,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 import random
@@ -48,7 +49,7 @@ import re
 import shutil
 import socket
 import time
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -136,26 +137,46 @@ class LazyTensor:
         return self.region((0,) * len(self.shape), self.shape)
 
     def region(self, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
-        """The block of ``shape`` at ``offset``. Raises CheckpointError when the files do not
-        cover it exactly once (a missing or overlapping block: a damaged checkpoint)."""
-        out, covered = None, 0
+        """The block of ``shape`` at ``offset``. Raises CheckpointError naming the folder when the
+        blocks (each of the shape its file stores) do not cover it exactly once (a missing or
+        overlapping block: a damaged checkpoint), or a file is not safetensors. Checked before
+        anything is allocated, so what is allocated is at most what the files hold."""
+        parts = []  # (file, key, b_offset, lo, hi) of every block that overlaps the asked one
         for file, key, b_offset, b_shape in self.blocks:
             lo = [max(a, b) for a, b in zip(offset, b_offset)]
             hi = [min(a + n, b + m) for a, n, b, m in zip(offset, shape, b_offset, b_shape)]
-            if any(h <= l for l, h in zip(lo, hi)):
+            if shape and any(h <= l for l, h in zip(lo, hi)):
                 continue
-            with safe_open(str(file), framework="pt") as f:  # reads the overlap only
+            parts.append((file, key, b_offset, lo, hi))
+        volume = sum(math.prod(h - l for l, h in zip(lo, hi)) for *_, lo, hi in parts)
+        disjoint = all(any(h1 <= l2 or h2 <= l1 for l1, h1, l2, h2 in zip(a[3], a[4], b[3], b[4]))
+                       for i, a in enumerate(parts) for b in parts[i + 1:])
+        if not parts or volume != math.prod(shape) or not disjoint:
+            self._damaged(offset, shape)
+        out = None
+        for file, key, b_offset, lo, hi in parts:
+            with _open_safetensors(file) as f:  # reads the overlap only
                 piece = (f.get_slice(key)[tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, b_offset))]
                          if shape else f.get_tensor(key))
             if out is None:
                 out = torch.empty(shape, dtype=piece.dtype)
             out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offset))] = piece
-            covered += piece.numel()
-        if out is None or covered != torch.Size(shape).numel():
-            raise CheckpointError(f"{self.where}: the blocks of a tensor of shape {list(self.shape)} do not "
-                                  f"cover its part at {list(offset)} of shape {list(shape)} exactly once; "
-                                  f"resume from another checkpoint")
         return out
+
+    def _damaged(self, offset: tuple[int, ...], shape: tuple[int, ...]) -> NoReturn:
+        raise CheckpointError(f"{self.where}: the blocks of a tensor of shape {list(self.shape)} do not "
+                              f"cover its part at {list(offset)} of shape {list(shape)} exactly once; "
+                              f"resume from another checkpoint")
+
+
+def _open_safetensors(file: pathlib.Path):
+    """``safe_open`` of ``file`` (PyTorch tensors); CheckpointError naming it when it is not a
+    readable safetensors file."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err}); resume from "
+                              f"another checkpoint") from err
 
 
 def full_tensors(tree: Any) -> Any:
@@ -204,7 +225,10 @@ def read_sharded_state(folder: pathlib.Path, name: str) -> Any:
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{tensor_file.with_suffix('.json')}: a malformed block; resume from "
                                       f"another checkpoint") from None
-            with safe_open(str(tensor_file), framework="pt") as f:
+            with _open_safetensors(tensor_file) as f:
+                if skeleton["__shard__"] not in f.keys():
+                    raise CheckpointError(f"{tensor_file}: has no tensor {skeleton['__shard__']!r}; resume "
+                                          f"from another checkpoint")
                 b_shape = tuple(f.get_slice(skeleton["__shard__"]).get_shape())
             return {"__blocks__": True, "shape": shape, "blocks": [(tensor_file, skeleton["__shard__"], tuple(offset), b_shape)]}
         if isinstance(skeleton, dict) and set(skeleton) == {"__tensor__"}:

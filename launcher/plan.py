@@ -21,7 +21,6 @@ import json
 import sys
 
 import torch
-from timm.utils import ParseKwargs
 
 import models
 from data_pipelines import DATASETS
@@ -126,8 +125,8 @@ def format_table(plan: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="itop-inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--model-kwargs", "--model_kwargs", dest="model_kwargs", nargs="*", default={},
-                        action=ParseKwargs, metavar="KEY=VALUE",
+    parser.add_argument("--model-kwargs", "--model_kwargs", dest="model_kwargs", nargs="*", default=(),
+                        metavar="KEY=VALUE",
                         help="a timm model's keyword arguments (timm's train.py's --model-kwargs)")
     parser.add_argument("--data", default="cifar10", choices=sorted(DATASETS))
     parser.add_argument("--density", type=float, default=0.05)
@@ -146,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         plan = inspect_model(args.model, args.data, args.density, args.sparse_init,
-                             args.erk_power_scale, args.growth, args.update_frequency, args.model_kwargs)
+                             args.erk_power_scale, args.growth, args.update_frequency,
+                             models.parse_model_kwargs(args.model_kwargs))
     except ValueError as err:
         print(f"itop-inspect: {err}", file=sys.stderr)
         return 2

@@ -52,10 +52,11 @@ def _train(cfg) -> tuple[int, bool]:
     """Build, train, close: (exit status, whether this process was one of several)."""
     from data_pipelines import DataError
     from launcher.trainer import DivergedError, Trainer
+    from models import ModelError
 
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, CheckpointError, DataError) as err:  # bad input; anything else is a bug
+    except (ConfigError, CheckpointError, DataError, ModelError) as err:  # bad input; anything else is a bug
         return print_error("itop-train", str(err)), _process_group()
     logging.basicConfig(level=logging.WARNING)
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 # Importing the architecture modules registers their models.
 from . import alexnet, imagenet, mlp, resnet, vgg, wrn  # noqa: F401
-from .timm_models import parse_model_kwargs
+from .timm_models import ModelError, parse_model_kwargs
 from .registry import FsdpUnits, create_model, list_models, model_datasets, model_fsdp_units, register_model
 
 __all__ = [
     "FsdpUnits",
+    "ModelError",
     "create_model",
     "list_models",
     "model_datasets",

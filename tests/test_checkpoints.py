@@ -562,3 +562,32 @@ def test_a_sharded_piece_is_read_block_by_block(tmp_path):
         (tmp_path / f"model-shard-1{suffix}").unlink()
     with pytest.raises(CheckpointError, match=r"do not cover its part at \[0, 0\] of shape \[7, 3\] exactly once"):
         read_state(tmp_path, "model")
+
+
+def test_blocks_that_overlap_or_claim_more_than_their_files_hold_are_refused_before_allocating(tmp_path):
+    """Coverage is checked as boxes, not counts: rank 1's block at rows 3-5 (instead of 4-6)
+    overlaps rank 0's row 3 and leaves row 6 unwritten with the right total count (7 x 3); a
+    global shape of 7e6 x 3000 (84 GB as float32) that the files cannot fill is refused before
+    anything of that size is allocated; a shard file that is not safetensors is named."""
+    from launcher.checkpoint import Shard, write_state
+
+    full = torch.arange(21, dtype=torch.float32).reshape(7, 3)
+
+    def write(folder, rows_1, shape=(7, 3)):
+        folder.mkdir()
+        write_state(folder, "model-shard-0", {"w": Shard(full[:4], shape, (0, 0))})
+        write_state(folder, "model-shard-1", {"w": Shard(full[rows_1], shape, (rows_1.start, 0))})
+        return folder
+
+    overlap = write(tmp_path / "overlap", slice(3, 6))
+    with pytest.raises(CheckpointError, match=r"do not cover its part at \[0, 0\] of shape \[7, 3\] exactly once"):
+        read_state(overlap, "model")
+    lazy = read_state(overlap, "model", lazy=True)  # a region the overlap does not touch still reads
+    assert torch.equal(lazy["w"].region((0, 0), (3, 3)), full[:3])
+    huge = write(tmp_path / "huge", slice(4, 7), shape=(7_000_000, 3000))
+    with pytest.raises(CheckpointError, match=r"shape \[7000000, 3000\] do not cover"):
+        read_state(huge, "model")
+    bad = write(tmp_path / "bad", slice(4, 7))
+    (bad / "model-shard-1.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"model-shard-1.safetensors: not a readable safetensors file"):
+        read_state(bad, "model")

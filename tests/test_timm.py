@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -51,9 +53,32 @@ def test_timm_families_build_for_the_data_shape_and_train(family: str) -> None:
 def test_timm_models_fit_every_dataset_and_kwargs_win() -> None:
     assert models.model_datasets("timm/vit_tiny_patch16_224") == ()
     model = models.create_model("timm/vit_tiny_patch16_224", "imagenet", num_classes=7, input_shape=(3, 32, 32),
-                                img_size=16, patch_size=4, depth=1)
+                                img_size=16, patch_size=4, depth=1, dynamic_img_size=True)
     assert model.patch_embed.img_size == (16, 16) and model.patch_embed.num_patches == 16
     assert model.head.out_features == 7
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ("", r"does not take the data's 1x8x8 images \(Calculated padded input size"),  # patch 16 > 8
+    ("img_size=32 patch_size=4", r"does not take the data's 1x8x8 images \(Input height \(8\) doesn't match model \(32\)"),
+    ("img_size=8 patch_size=2 in_chans=3", r"in_chans=3\) does not take the data's 1x8x8 images \("),  # 3 channels vs 1
+    ("img_size=8 patch_size=2 bogus_kw=3", r"timm cannot build vit_tiny_patch16_224 with --model-kwargs img_size=8 "
+                                           r"patch_size=2 bogus_kw=3: .*unexpected keyword argument 'bogus_kw'"),
+    ("img_size=8 patch_size=two", r"with --model-kwargs img_size=8 patch_size='two': unsupported operand"),
+    ("num_classes=5", r"--model-kwargs: num_classes is set by itop_dist .*remove num_classes=5"),
+    ("pretrained=True", r"--model-kwargs: pretrained is set by itop_dist .*remove pretrained=True"),
+])
+def test_model_kwargs_timm_cannot_use_are_one_line_exit_2_before_a_run_folder(kwargs, says, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["--sparse", "--data", "digits", "--density", "0.2", "--epochs", "1", "--no-wandb", "--device", "cpu",
+            "--model", "timm/vit_tiny_patch16_224", "--output-dir", str(out)] + (["--model-kwargs", *kwargs.split()] if kwargs else [])
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("itop-train: error: --model") and re.search(says, err), err
+    assert not out.exists()
+    assert inspect_main(["--model", "timm/vit_tiny_patch16_224", "--data", "digits"]
+                        + (["--model-kwargs", *kwargs.split()] if kwargs else [])) == 2
+    assert re.search(says, capsys.readouterr().err)
 
 
 def test_unknown_timm_name_names_the_closest_in_one_line_exit_2(capsys) -> None:
