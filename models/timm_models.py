@@ -47,11 +47,16 @@ def timm_name(name: str) -> str:
 def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
     """``("img_size=8", "patch_size=2")`` -> ``{"img_size": 8, "patch_size": 2}``, as timm's
     train.py parses ``--model-kwargs`` (its ``ParseKwargs``: each value ``ast.literal_eval``-ed,
-    else kept as text). Raises ``ValueError`` naming an item that is not ``key=value`` or that
-    sets one of ``RESERVED_KWARGS``."""
+    else kept as text). Raises ``ValueError`` naming an item that is not ``key=value``, a key
+    given twice, or one of ``RESERVED_KWARGS``."""
+    seen = set()
     for item in items:
         if "=" not in item or not item.split("=", 1)[0]:
             raise ValueError(f"--model-kwargs: {item!r} is not key=value; write e.g. img_size=8")
+        key = item.split("=", 1)[0]
+        if key in seen:  # timm's ParseKwargs would keep the last silently
+            raise ValueError(f"--model-kwargs: {key} is given twice; keep one {key}=...")
+        seen.add(key)
     namespace = argparse.Namespace()
     ParseKwargs(option_strings=[], dest="kwargs")(None, namespace, list(items))
     for key in RESERVED_KWARGS:

@@ -65,6 +65,7 @@ def test_timm_models_fit_every_dataset_and_kwargs_win() -> None:
     ("img_size=8 patch_size=2 bogus_kw=3", r"timm cannot build vit_tiny_patch16_224 with --model-kwargs img_size=8 "
                                            r"patch_size=2 bogus_kw=3: .*unexpected keyword argument 'bogus_kw'"),
     ("img_size=8 patch_size=two", r"with --model-kwargs img_size=8 patch_size='two': unsupported operand"),
+    ("img_size=8 patch_size=2 patch_size=4", r"--model-kwargs: patch_size is given twice; keep one patch_size=\.\.\."),
     ("num_classes=5", r"--model-kwargs: num_classes is set by itop_dist .*remove num_classes=5"),
     ("pretrained=True", r"--model-kwargs: pretrained is set by itop_dist .*remove pretrained=True"),
 ])
