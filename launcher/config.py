@@ -253,8 +253,14 @@ class TrainConfig:
                f"{self.sharding!r}: choose {', '.join(STAGES)} (fsdp = zero3) or launcher")
         _check(not (self.sharding in FSDP_STAGES and self.mixed_precision == "fp16"), "--mixed-precision",
                f"fp16 with --sharding {self.sharding} is not supported (FSDP2 has no loss scaler); use bf16")
-        _check(self.shard_group_size is None or (self.sharding == "hsdp" and self.shard_group_size >= 1),
-               "--shard-group-size", f"{self.shard_group_size} needs --sharding hsdp and must be >= 1")
+        _check(self.shard_group_size is None or self.sharding == "hsdp", "--shard-group-size",
+               f"{self.shard_group_size} needs --sharding hsdp")
+        _check(self.shard_group_size is None or self.shard_group_size >= 1, "--shard-group-size",
+               f"{self.shard_group_size} must be >= 1 (processes per shard group)")
+        _check(not (self.sparse and self.sparsity.growth == "momentum" and self.optim.name == "sgd"
+                    and self.optim.momentum == 0), "--growth",
+               "momentum growth regrows by the optimizer's momentum, and --momentum 0 keeps none; "
+               "set --momentum > 0 (0.9 in the sparse momentum paper) or use --optimizer adam")
         _check(not (self.sharding == "zero1" and self.sparse and self.sparsity.growth == "momentum"),
                "--growth", "momentum growth with --sharding zero1: rank 0 decides from every weight's "
                "momentum, which ZeRO-1 spreads over the ranks; use --sharding ddp or zero3")

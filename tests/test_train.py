@@ -625,6 +625,13 @@ IMPOSSIBLE = {
                                            "--density 1e-05 leaves 3 layer(s) without any weight (fc1.weight first"),
     "FSDP on one process": ("--sharding fsdp --epochs 1 --update_frequency 10",
                             "--sharding zero3 needs at least 2 processes (this is 1)"),
+    "momentum growth without momentum": ("--growth momentum --momentum 0 --epochs 1 --update_frequency 10",
+                                         "--growth: momentum growth regrows by the optimizer's momentum, and "
+                                         "--momentum 0 keeps none"),
+    "an hsdp shard group of 0": ("--sharding hsdp --shard-group-size 0 --epochs 1 --update_frequency 10",
+                                 "--shard-group-size: 0 must be >= 1 (processes per shard group)"),
+    "a shard group without hsdp": ("--sharding zero3 --shard-group-size 2 --epochs 1 --update_frequency 10",
+                                   "--shard-group-size: 2 needs --sharding hsdp"),
 }
 
 
