@@ -137,8 +137,9 @@ def resolve_apply_mode(mode: str, device_type: str) -> str:
     CPU: float, a cached float copy of each mask, multiplied in place one tensor at a time:
     15.7 ms vs 35.0 ms for the bool mask (2.2x) and 16.0 ms for ``foreach`` (no gain without
     kernel launches to save) on ResNet-50 at density 0.2, weights and momenta
-    (benchmarks/bench_masks.py, benchmarks/RESULTS.md, 2-core CPU, 2026-12-05). CUDA and any other device: float too, the current default, until the GPU check
-    (benchmarks/gpu_check.py) measures the three modes there. Raises ValueError for another
+    (benchmarks/bench_masks.py, benchmarks/RESULTS.md, 2-core CPU shared with another job,
+    2026-12-05). CUDA and any other device: float too, the current default, until the GPU
+    check (benchmarks/gpu_check.py) measures the three modes there. Raises ValueError for another
     ``mode`` (itop_dist.config.APPLY_MODES lists them)."""
     if mode not in APPLY_MODES:
         raise ValueError(f"--mask-apply: {mode!r} is unknown; choose one of {list(APPLY_MODES)}")
@@ -271,27 +272,28 @@ class Sparsifier:
         every per-weight optimizer state tensor (SGD's momentum, Adam's moments, ...): one
         in-place multiply per tensor, or one ``torch._foreach_mul_`` over all of them
         (``apply_mode`` ``foreach``)."""
-        tensors, mults = [], []
+        if not self._foreach:  # the training step's path: no lists built
+            for name, p in self.params.items():
+                mult = self._mult[name]
+                _local(p).mul_(mult)
+                if self.config.mask_momentum:
+                    for buf in self._state_tensors(p):
+                        _local(buf).mul_(mult)
+            return
+        # A fused kernel takes one device and dtype per call (torch.optim groups its foreach
+        # steps the same way). State tensors are looked up at every call: they appear at the
+        # optimizer's first step and are replaced when its state is loaded.
+        groups: dict[tuple, tuple[list, list]] = {}
         for name, p in self.params.items():
             targets = [_local(p)]
             if self.config.mask_momentum:
                 targets += [_local(buf) for buf in self._state_tensors(p)]
-            tensors += targets
-            mults += [self._mult[name]] * len(targets)
-        if self._foreach:
-            # A fused kernel takes one device and dtype per call (torch.optim groups its
-            # foreach steps the same way); within a group torch falls back to a per-tensor
-            # loop only where a multiplier's dtype differs from its tensor's.
-            groups: dict[tuple, tuple[list, list]] = {}
-            for t, mult in zip(tensors, mults):
+            for t in targets:
                 group = groups.setdefault((t.device, t.dtype), ([], []))
                 group[0].append(t)
-                group[1].append(mult)
-            for group_tensors, group_mults in groups.values():
-                torch._foreach_mul_(group_tensors, group_mults)
-        else:
-            for t, mult in zip(tensors, mults):
-                t.mul_(mult)
+                group[1].append(self._mult[name])
+        for tensors, mults in groups.values():
+            torch._foreach_mul_(tensors, mults)
 
     @torch.no_grad()
     def update(self, method: Method | None = None) -> UpdateReport:

@@ -74,7 +74,8 @@ def create_timm_model(name: str, num_classes: int, input_shape: Sequence[int] | 
     The built model runs one zero input of ``input_shape`` (eval mode, no gradients), so that a
     model that cannot take the data is refused here, not at the first step. Raises
     ``ValueError`` (one line) for an unknown name (see ``timm_name``), for ``kwargs`` timm does
-    not accept (an unknown key, a value of the wrong type) and for a model that does not take ``input_shape``."""
+    not accept (an unknown key, a value of the wrong type) and for a model that does not take
+    ``input_shape``."""
     bare = timm_name(name)
     data = {}
     if input_shape is not None and len(input_shape) == 3:
